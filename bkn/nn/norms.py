@@ -1,0 +1,343 @@
+"""BN, BRN and BKN layers with statistics groups, and ``build_norm``, the factory models use.
+
+Every layer splits the device batch into groups of ``statistics_batch_size`` examples
+(None: one group, ordinary BN) and gets its statistics from :func:`bkn.functional.group_stats`.
+In eval mode a layer normalizes with its running ("population") statistics — the paper's
+inference option B — or, with ``inference="batch"``, with the test batch's own per-group
+statistics — option A.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from bkn import functional as BF
+from bkn.nn.state import KalmanState, State
+
+Inference = Literal["population", "batch"]
+Transition = Literal["linear", "monte_carlo", "analytic"]
+
+
+class _GroupedNorm(nn.Module):
+    """What all three normalizers share: affine parameters, running statistics, input checks."""
+
+    carries_state = False  # True for layers whose forward takes and returns a KalmanState
+    spatial_dims: tuple[int, ...] = (2,)
+
+    def __init__(self, num_features: int, statistics_batch_size: int | None = None, eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 inference: Inference = "population") -> None:
+        super().__init__()
+        if statistics_batch_size is not None and statistics_batch_size < 1:
+            raise ValueError(f"statistics_batch_size must be a positive integer or None, got {statistics_batch_size}")
+        self.num_features = num_features
+        self.statistics_batch_size = statistics_batch_size
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.inference = inference
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    @property
+    def inference(self) -> Inference:
+        return self._inference
+
+    @inference.setter
+    def inference(self, value: Inference) -> None:
+        if value not in ("population", "batch"):
+            raise ValueError(f"inference must be 'population' (option B) or 'batch' (option A), got {value!r}")
+        self._inference = value
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, statistics_batch_size={self.statistics_batch_size}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, inference={self.inference!r}")
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() - 2 not in self.spatial_dims:
+            raise ValueError(f"{type(self).__name__} expects {[d + 2 for d in self.spatial_dims]}-D input "
+                             f"(N, C, ...), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__} was built for {self.num_features} channels (num_features) "
+                             f"but got input with {x.shape[1]} channels")
+        BF.num_groups(x.shape[0], self.statistics_batch_size)  # raises with the fix named
+
+    def _uses_batch_statistics(self) -> bool:
+        return self.training or self.inference == "batch" or not self.track_running_stats
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, x: Tensor) -> None:
+        """EMA of the groups' average statistics; variance made unbiased, as PyTorch's BN does."""
+        if not (self.training and self.track_running_stats):
+            return
+        count = x.numel() // (x.shape[1] * mean.shape[0])  # values per channel per group
+        unbiased = var.mean(0) * (count / max(count - 1, 1))
+        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        self.num_batches_tracked.add_(1)
+
+    def _normalize_with_running_stats(self, x: Tensor) -> Tensor:
+        return BF.normalize(x, self.running_mean[None].float(), self.running_var[None].float(),
+                            self.weight, self.bias, self.eps)
+
+
+class BatchNorm2d(_GroupedNorm):
+    """BN whose statistics come from groups of ``statistics_batch_size`` examples ("ghost batches")."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self._uses_batch_statistics():
+            return self._normalize_with_running_stats(x)
+        mean, var = BF.group_stats(x, self.statistics_batch_size)
+        self._update_running_stats(mean, var, x)
+        return BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+
+class BatchRenorm2d(_GroupedNorm):
+    """Batch Renormalization (Ioffe 2017) with statistics groups.
+
+    ``y = weight * ((x - mean) / std * r + d) + bias``, with ``r`` and ``d`` (no gradient)
+    correcting each group's statistics toward the running ones, clipped to ``[1/r_max, r_max]`` and
+    ``[-d_max, d_max]``. The limits follow the step set by :func:`set_step`: plain BN
+    (``r_max = 1``, ``d_max = 0``) for ``warmup_steps``, then linear growth to the final values
+    over ``relax_steps``.
+    """
+
+    def __init__(self, num_features: int, statistics_batch_size: int | None = None, *,
+                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
+                 relax_steps: int = 40000, **kwargs: Any) -> None:
+        super().__init__(num_features, statistics_batch_size, **kwargs)
+        if r_max < 1 or d_max < 0:
+            raise ValueError(f"BatchRenorm2d needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        self.final_r_max, self.final_d_max = r_max, d_max
+        self.warmup_steps, self.relax_steps = warmup_steps, relax_steps
+        # Tensors, not floats, so that a changing limit does not recompile a torch.compile'd model.
+        self.register_buffer("r_max", torch.tensor(1.0), persistent=False)
+        self.register_buffer("d_max", torch.tensor(0.0), persistent=False)
+
+    def set_step(self, step: int) -> None:
+        """Set the clipping limits for optimizer step ``step``."""
+        progress = min(max(step - self.warmup_steps, 0) / max(self.relax_steps, 1), 1.0)
+        self.r_max.fill_(1 + (self.final_r_max - 1) * progress)
+        self.d_max.fill_(self.final_d_max * progress)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", r_max={self.final_r_max}, d_max={self.final_d_max}, "
+                f"warmup_steps={self.warmup_steps}, relax_steps={self.relax_steps}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self._uses_batch_statistics():
+            return self._normalize_with_running_stats(x)
+        mean, var = BF.group_stats(x, self.statistics_batch_size)
+        if not (self.training and self.track_running_stats):  # option A: plain batch statistics
+            return BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        with torch.no_grad():
+            running_std = (self.running_var.float() + self.eps).sqrt()
+            r = ((var + self.eps).sqrt() / running_std).clamp(1 / self.r_max, self.r_max)
+            d = ((mean - self.running_mean.float()) / running_std).clamp(-self.d_max, self.d_max)
+        self._update_running_stats(mean, var, x)
+        # weight * (x_hat * r + d) + bias == normalize with weight * r and bias + weight * d:
+        # at r = 1, d = 0 the same numbers as BN, bit for bit.
+        weight = r if self.weight is None else self.weight * r
+        bias = d if self.weight is None else self.bias + self.weight * d
+        return BF.normalize(x, mean, var, weight, bias, self.eps)
+
+
+class KalmanNorm2d(_GroupedNorm):
+    """Batch Kalman Normalization: each group's statistics are a Kalman estimate that fuses this
+    layer's observation with a prediction from the previous normalization layer's estimate.
+
+    ``forward(x, prior)`` takes the prediction (``None`` for a first layer: then it is BN) and
+    returns ``(y, posterior)``; :meth:`predict` turns the previous layer's posterior into this
+    layer's prior through the chosen ``transition``:
+
+    - ``"analytic"`` (default): closed-form moments of relu(Gaussian) pushed through the real conv.
+    - ``"monte_carlo"``: the authors' code — sample, relu, the real conv, moments.
+    - ``"linear"``: the paper — learned ``A`` (``num_features x in_features``) and noise ``r``.
+
+    ``gain`` is ``q``, the weight of the observation (the authors' code weights the prior with
+    ``p = 1 - q``: 0.9 for micro-batches, 0.05 for large ones); ``q = 1`` is exactly BN. With
+    ``fallback``, a group whose predicted variance is ``fallback_ratio`` times its observed one on
+    average falls back to its observation, as in the authors' code.
+    """
+
+    carries_state = True
+
+    def __init__(self, num_features: int, statistics_batch_size: int | None = None, *,
+                 in_features: int | None = None, transition: Transition = "analytic", gain: float = 0.1,
+                 learn_gain: bool = False, fallback: bool = True, fallback_ratio: float = 100.0,
+                 monte_carlo_size: int = 8, **kwargs: Any) -> None:
+        if transition not in ("linear", "monte_carlo", "analytic"):
+            raise ValueError(f"transition must be 'linear', 'monte_carlo' or 'analytic', got {transition!r}")
+        if not 0.0 <= gain <= 1.0 or (learn_gain and gain in (0.0, 1.0)):
+            raise ValueError(f"gain must lie in [0, 1] (in (0, 1) with learn_gain=true), got {gain}")
+        if monte_carlo_size < 1:
+            raise ValueError(f"monte_carlo_size must be >= 1, got {monte_carlo_size}")
+        super().__init__(num_features, statistics_batch_size, **kwargs)
+        self.in_features, self.transition = in_features, transition
+        self.initial_gain, self.learn_gain = gain, learn_gain
+        self.fallback, self.fallback_ratio = fallback, fallback_ratio
+        self.monte_carlo_size = monte_carlo_size
+        if learn_gain:
+            self.gain_logit = nn.Parameter(torch.empty(()))
+        else:  # a hyper-parameter, not state: not saved, so a config change is not overridden
+            self.register_buffer("gain", torch.empty(()), persistent=False)
+        if transition == "linear" and in_features is not None:
+            self.transition_matrix = nn.Parameter(torch.empty(num_features, in_features))
+            self.noise_raw = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if not hasattr(self, "transition"):  # called from the base constructor, before the filter exists
+            return
+        with torch.no_grad():
+            if self.learn_gain:
+                self.gain_logit.fill_(math.log(self.initial_gain / (1 - self.initial_gain)))
+            else:
+                self.gain.fill_(self.initial_gain)
+            if hasattr(self, "transition_matrix"):
+                # A = 0 and r = 1: the first prediction is a standard normal, and the filter
+                # learns how much of the previous layer to carry over.
+                self.transition_matrix.zero_()
+                self.noise_raw.fill_(math.log(math.e - 1))  # softplus(noise_raw) = 1
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", in_features={self.in_features}, transition={self.transition!r}, "
+                f"gain={self.initial_gain}, learn_gain={self.learn_gain}, fallback={self.fallback}")
+
+    def current_gain(self) -> Tensor:
+        return torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
+
+    def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
+        """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
+        if previous is None:
+            return None
+        if self.transition == "linear":
+            if not hasattr(self, "transition_matrix"):
+                raise ValueError("KalmanNorm2d(transition='linear') needs in_features, the previous layer's channels")
+            mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix,
+                                             nn.functional.softplus(self.noise_raw))
+        elif conv is None:
+            return previous
+        elif self.transition == "analytic":
+            mean, var = BF.analytic_transition(previous.mean, previous.var, conv)
+        else:
+            mean, var = BF.monte_carlo_transition(previous.mean, previous.var, conv, self.monte_carlo_size)
+        return KalmanState(mean, var)
+
+    def forward(self, x: Tensor, prior: State = None) -> tuple[Tensor, State]:
+        self._check_input(x)
+        if not self._uses_batch_statistics():
+            return self._normalize_with_running_stats(x), None
+        mean, var = BF.group_stats(x, self.statistics_batch_size)
+        if prior is not None:
+            if prior.mean.shape != mean.shape or prior.var.shape != var.shape:
+                raise ValueError(f"KalmanNorm2d got a prior of shape {tuple(prior.mean.shape)} but its statistics "
+                                 f"are (groups, channels) = {tuple(mean.shape)}; the previous layer must use the "
+                                 f"same statistics_batch_size and feed {self.num_features} channels")
+            gain = self.current_gain()
+            post_mean, post_var = BF.kalman_update(mean, var, prior.mean, prior.var, gain)
+            if self.fallback:
+                # Per group, where the authors use one flag for the whole batch: this keeps groups
+                # independent of each other. torch.where, not .item(): no host sync.
+                ratio = (prior.var / (var + self.eps)).mean(dim=1, keepdim=True)
+                trust_observation = ratio >= self.fallback_ratio
+                post_mean = torch.where(trust_observation, mean, post_mean)
+                post_var = torch.where(trust_observation, var, post_var)
+            mean, var = post_mean, post_var.clamp_min(0)
+        self._update_running_stats(mean, var, x)
+        return BF.normalize(x, mean, var, self.weight, self.bias, self.eps), KalmanState(mean, var)
+
+
+class BatchNorm1d(BatchNorm2d):
+    """:class:`BatchNorm2d` for ``(N, C)`` or ``(N, C, L)`` input."""
+
+    spatial_dims = (0, 1)
+
+
+class BatchNorm3d(BatchNorm2d):
+    """:class:`BatchNorm2d` for ``(N, C, D, H, W)`` input."""
+
+    spatial_dims = (3,)
+
+
+class BatchRenorm1d(BatchRenorm2d):
+    """:class:`BatchRenorm2d` for ``(N, C)`` or ``(N, C, L)`` input."""
+
+    spatial_dims = (0, 1)
+
+
+class BatchRenorm3d(BatchRenorm2d):
+    """:class:`BatchRenorm2d` for ``(N, C, D, H, W)`` input."""
+
+    spatial_dims = (3,)
+
+
+NORMALIZERS: dict[str, type[_GroupedNorm]] = {"bn": BatchNorm2d, "brn": BatchRenorm2d, "bkn": KalmanNorm2d}
+
+
+def build_norm(name: str, num_features: int, in_features: int | None = None, **options: Any) -> _GroupedNorm:
+    """Build a 2-D normalizer by name (``bn``, ``brn``, ``bkn``); unknown names or options raise.
+
+    ``in_features`` (the channels entering the conv before this layer) is used by BKN's linear
+    transition and ignored by the others, so models can pass it unconditionally.
+    """
+    if name not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {name!r}; choose one of {sorted(NORMALIZERS)} (normalizer=...)")
+    cls = NORMALIZERS[name]
+    accepted = {p for c in cls.__mro__ if c is not nn.Module and "__init__" in vars(c)
+                for p in inspect.signature(c.__init__).parameters} - {"self", "kwargs", "num_features"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"normalizer {name!r} has no option {unknown[0]!r}; its options are {sorted(accepted)}")
+    if cls.carries_state:
+        options["in_features"] = in_features
+    return cls(num_features, **options)
+
+
+def set_step(model: nn.Module, step: int) -> None:
+    """Tell every step-scheduled layer (BRN's r_max / d_max) the current optimizer step."""
+    for module in model.modules():
+        if isinstance(module, BatchRenorm2d):
+            module.set_step(step)
+
+
+def set_inference(model: nn.Module, inference: Inference) -> None:
+    """Choose eval-mode statistics for every normalizer: 'population' (option B) or 'batch' (option A)."""
+    for module in model.modules():
+        if isinstance(module, _GroupedNorm):
+            module.inference = inference
