@@ -3,7 +3,8 @@ normalization with given statistics, and BKN's three transitions.
 
 Shapes: activations are ``(N, C, *spatial)``; statistics are ``(G, C)`` with ``G`` the number
 of statistics groups. Group ``g`` holds the contiguous examples ``g*s .. g*s+s-1`` of the device
-batch, as the authors' code splits it. All statistics are float32, also under autocast.
+batch, as the authors' code splits it. Statistics are float32 (float64 for float64 input), also
+under autocast.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, T
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
     with torch.autocast(x.device.type, enabled=False):
-        var, mean = torch.var_mean(_grouped(x.float(), groups), dim=(1, 3), correction=0)
+        var, mean = torch.var_mean(_grouped(_at_least_float32(x), groups), dim=(1, 3), correction=0)
     return mean, var
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -56,10 +61,10 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias:
     groups, channels = mean.shape
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.float()
+        scale = scale * weight.to(scale.dtype)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.float()
+        shift = shift + bias.to(shift.dtype)
     y = torch.addcmul(shift.to(x.dtype).view(groups, 1, channels, 1), _grouped(x, groups),
                       scale.to(x.dtype).view(groups, 1, channels, 1))
     return y.reshape(x.shape)  # a view, in x's memory format
@@ -78,6 +83,7 @@ def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_v
 
 
 # --- transitions: predict this layer's statistics from the previous layer's posterior ---------
+# They compute in the dtype of the statistics; callers under autocast switch it off around them.
 
 def linear_transition(mean: Tensor, var: Tensor, matrix: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
     """Paper Eq. 2-3 with diagonal variances: ``A mu``, ``(A o A) var + r``."""
@@ -103,10 +109,11 @@ def analytic_transition(mean: Tensor, var: Tensor, conv: torch.nn.Conv2d) -> tup
     The (G, C) statistics are pushed through as 1x1 "images" so grouped convs work unchanged.
     """
     relu_mean, relu_var = _relu_moments(mean, var)
-    weight = conv.weight.float()
+    weight = conv.weight.to(mean.dtype)
     kernel_sum = weight.sum(dim=(2, 3), keepdim=True)
     kernel_square_sum = (weight * weight).sum(dim=(2, 3), keepdim=True)
-    out_mean = F.conv2d(relu_mean[:, :, None, None], kernel_sum, conv.bias, groups=conv.groups)
+    bias = None if conv.bias is None else conv.bias.to(mean.dtype)
+    out_mean = F.conv2d(relu_mean[:, :, None, None], kernel_sum, bias, groups=conv.groups)
     out_var = F.conv2d(relu_var[:, :, None, None], kernel_square_sum, groups=conv.groups)
     return out_mean.flatten(1), out_var.flatten(1)
 
@@ -123,10 +130,10 @@ def monte_carlo_transition(mean: Tensor, var: Tensor, conv: torch.nn.Conv2d,
     height = dil_h * (kernel_h - 1) + 1 + stride_h * (spatial_size - 1)
     width = dil_w * (kernel_w - 1) + 1 + stride_w * (spatial_size - 1)
     groups, channels = mean.shape
-    noise = torch.randn(groups, channels, height, width, device=mean.device, dtype=torch.float32)
+    noise = torch.randn(groups, channels, height, width, device=mean.device, dtype=mean.dtype)
     samples = torch.relu(mean[:, :, None, None] + var.clamp_min(0).sqrt()[:, :, None, None] * noise)
-    with torch.autocast(mean.device.type, enabled=False):
-        out = F.conv2d(samples, conv.weight.float(), None if conv.bias is None else conv.bias.float(),
-                       stride=conv.stride, dilation=conv.dilation, groups=conv.groups)
+    bias = None if conv.bias is None else conv.bias.to(mean.dtype)
+    out = F.conv2d(samples, conv.weight.to(mean.dtype), bias, stride=conv.stride, dilation=conv.dilation,
+                   groups=conv.groups)
     var_out, mean_out = torch.var_mean(out, dim=(2, 3), correction=0)
     return mean_out, var_out

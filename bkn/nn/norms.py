@@ -244,19 +244,18 @@ class KalmanNorm2d(_GroupedNorm):
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
         """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
-        if previous is None:
-            return None
-        if self.transition == "linear":
-            if not hasattr(self, "transition_matrix"):
-                raise ValueError("KalmanNorm2d(transition='linear') needs in_features, the previous layer's channels")
-            mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix,
-                                             nn.functional.softplus(self.noise_raw))
-        elif conv is None:
+        if previous is None or (conv is None and self.transition != "linear"):
             return previous
-        elif self.transition == "analytic":
-            mean, var = BF.analytic_transition(previous.mean, previous.var, conv)
-        else:
-            mean, var = BF.monte_carlo_transition(previous.mean, previous.var, conv, self.monte_carlo_size)
+        if self.transition == "linear" and not hasattr(self, "transition_matrix"):
+            raise ValueError("KalmanNorm2d(transition='linear') needs in_features, the previous layer's channels")
+        with torch.autocast(previous.mean.device.type, enabled=False):  # statistics stay float32
+            if self.transition == "linear":
+                mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix,
+                                                 nn.functional.softplus(self.noise_raw))
+            elif self.transition == "analytic":
+                mean, var = BF.analytic_transition(previous.mean, previous.var, conv)
+            else:
+                mean, var = BF.monte_carlo_transition(previous.mean, previous.var, conv, self.monte_carlo_size)
         return KalmanState(mean, var)
 
     def forward(self, x: Tensor, prior: State = None) -> tuple[Tensor, State]:

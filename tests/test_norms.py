@@ -1,0 +1,408 @@
+"""BN, BRN and BKN layers against independent computations: PyTorch's BatchNorm, per-group runs,
+hand-written formulas in float64 and finite differences (gradcheck)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bkn.nn as N
+from bkn import functional as BF
+
+
+def randomize_affine(*layers: nn.Module) -> None:
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+
+
+def grads_of(module: nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, ...]:
+    x = x.clone().requires_grad_()
+    y = forward(module, x)
+    (y ** 3).sum().backward()  # elementwise, so per-group runs see the same upstream gradient
+    return y.detach(), x.grad, module.weight.grad, module.bias.grad
+
+
+# --- BN ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batchnorm_one_group_equals_torch_batchnorm(memory_format):
+    ours, theirs = N.BatchNorm2d(5), nn.BatchNorm2d(5)
+    randomize_affine(ours)
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(3):  # train steps update running statistics the same way
+        x = (torch.randn(8, 5, 4, 4) * 2 + 1).to(memory_format=memory_format)
+        mine, reference = grads_of(ours, x, lambda m, v: m(v)), grads_of(theirs, x, lambda m, v: m(v))
+        for a, b in zip(mine, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 3
+    ours.eval(), theirs.eval()
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls, reference, shape", [(N.BatchNorm1d, nn.BatchNorm1d, (6, 4)),
+                                                     (N.BatchNorm1d, nn.BatchNorm1d, (6, 4, 5)),
+                                                     (N.BatchNorm3d, nn.BatchNorm3d, (6, 4, 2, 3, 3))])
+def test_other_ranks_equal_torch_batchnorm(cls, reference, shape):
+    ours, theirs = cls(4), reference(4)
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def separate_runs(make_layer, x: torch.Tensor, s: int, forward=lambda m, v: m(v)):
+    """Reference: a fresh copy of the layer on each group alone; outputs and input grads concatenated."""
+    outputs, grads = [], []
+    for group in x.split(s):
+        layer = make_layer()
+        group = group.clone().requires_grad_()
+        y = forward(layer, group)
+        (y ** 3).sum().backward()
+        outputs.append(y.detach()), grads.append(group.grad)
+    return torch.cat(outputs), torch.cat(grads)
+
+
+def test_batchnorm_groups_equal_separate_runs():
+    base = N.BatchNorm2d(3, statistics_batch_size=None)
+    randomize_affine(base)
+    x = torch.randn(8, 3, 5, 5) * 3
+    grouped = copy.deepcopy(base)
+    grouped.statistics_batch_size = 2
+    y, gx, *_ = grads_of(grouped, x, lambda m, v: m(v))
+    ref_y, ref_gx = separate_runs(lambda: copy.deepcopy(base), x, 2)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-5)
+    # the running statistics follow the average of the groups' statistics
+    group_means = torch.stack([g.mean(dim=(0, 2, 3)) for g in x.split(2)])
+    torch.testing.assert_close(grouped.running_mean, 0.1 * group_means.mean(0))
+
+
+def test_eval_options_population_and_batch():
+    layer = N.BatchNorm2d(3, statistics_batch_size=2)
+    randomize_affine(layer)
+    for _ in range(4):
+        layer(torch.randn(4, 3, 3, 3) + 2)
+    layer.eval()
+    x = torch.randn(4, 3, 3, 3)
+    expected = BF.normalize(x.double(), layer.running_mean[None].double(), layer.running_var[None].double(),
+                            layer.weight.double(), layer.bias.double(), layer.eps)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)  # option B
+    running = layer.running_mean.clone()
+    N.set_inference(layer, "batch")  # option A: the test batch's own groups, running stats untouched
+    train_mode = copy.deepcopy(layer).train()
+    torch.testing.assert_close(layer(x), train_mode(x))
+    assert torch.equal(layer.running_mean, running)
+
+
+# --- BRN ---------------------------------------------------------------------------------------
+
+def test_batch_renorm_without_relaxation_equals_batchnorm_exactly():
+    bn, brn = N.BatchNorm2d(4, statistics_batch_size=2), N.BatchRenorm2d(4, statistics_batch_size=2)
+    randomize_affine(bn)
+    brn.load_state_dict(bn.state_dict())
+    N.set_step(brn, 0)  # inside warm-up: r_max = 1, d_max = 0
+    assert brn.r_max.item() == 1 and brn.d_max.item() == 0
+    x = torch.randn(8, 4, 3, 3) + 1
+    for a, b in zip(grads_of(bn, x, lambda m, v: m(v)), grads_of(brn, x, lambda m, v: m(v))):
+        assert torch.equal(a, b)
+    assert torch.equal(bn.running_var, brn.running_var)
+
+
+def test_batch_renorm_schedule():
+    layer = N.BatchRenorm2d(2, r_max=3, d_max=5, warmup_steps=10, relax_steps=20)
+    for step, r_max, d_max in [(0, 1, 0), (10, 1, 0), (20, 2, 2.5), (30, 3, 5), (1000, 3, 5)]:
+        N.set_step(layer, step)
+        assert layer.r_max.item() == pytest.approx(r_max) and layer.d_max.item() == pytest.approx(d_max)
+
+
+def test_batch_renorm_clipping_matches_the_formula():
+    layer = N.BatchRenorm2d(3, statistics_batch_size=2, r_max=1.5, d_max=0.5, warmup_steps=0, relax_steps=1)
+    randomize_affine(layer)
+    N.set_step(layer, 1)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.0, 3.0, -0.2]))
+        layer.running_var.copy_(torch.tensor([1.0, 0.01, 4.0]))
+    running_mean, running_var = layer.running_mean.double().clone(), layer.running_var.double().clone()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1).double()
+    y = layer.double()(x)
+    eps = layer.eps
+    for g, chunk in enumerate(x.split(2)):
+        mean = chunk.mean(dim=(0, 2, 3))
+        var = chunk.var(dim=(0, 2, 3), unbiased=False)
+        r = ((var + eps).sqrt() / (running_var + eps).sqrt()).clamp(1 / 1.5, 1.5)
+        d = ((mean - running_mean) / (running_var + eps).sqrt()).clamp(-0.5, 0.5)
+        x_hat = (chunk - mean.view(1, 3, 1, 1)) / (var + eps).sqrt().view(1, 3, 1, 1)
+        expected = layer.weight.view(1, 3, 1, 1) * (x_hat * r.view(1, 3, 1, 1) + d.view(1, 3, 1, 1)) \
+            + layer.bias.view(1, 3, 1, 1)
+        torch.testing.assert_close(y[2 * g:2 * g + 2], expected)
+        assert (r == 1.5).any() or (r == 1 / 1.5).any()  # the clipping engaged on some channel
+        assert (d.abs() == 0.5).any()
+
+
+def test_batch_renorm_groups_equal_separate_runs():
+    base = N.BatchRenorm2d(3, warmup_steps=0, relax_steps=1)
+    N.set_step(base, 5)
+    with torch.no_grad():
+        base.running_mean.fill_(0.3), base.running_var.fill_(2.0)
+    x = torch.randn(6, 3, 4, 4)
+    grouped = copy.deepcopy(base)
+    grouped.statistics_batch_size = 2
+    y, gx, *_ = grads_of(grouped, x, lambda m, v: m(v))
+    ref_y, ref_gx = separate_runs(lambda: copy.deepcopy(base), x, 2)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-5)
+
+
+# --- BKN ---------------------------------------------------------------------------------------
+
+TRANSITIONS = ["linear", "monte_carlo", "analytic"]
+
+
+def two_layer(norm: dict) -> nn.ModuleList:
+    torch.manual_seed(0)
+    return nn.ModuleList([N.ConvNormAct(3, 6, 3, norm), N.ConvNormAct(6, 5, 3, norm, stride=2)])
+
+
+def run_two_layer(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    state = None
+    for block in blocks:
+        x, state = block(x, state)
+    return x
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_kalman_norm_with_gain_one_equals_batchnorm_exactly(transition):
+    bn_net = two_layer({"name": "bn", "statistics_batch_size": 2})
+    bkn_net = two_layer({"name": "bkn", "statistics_batch_size": 2, "gain": 1.0, "transition": transition})
+    for block in bn_net:
+        randomize_affine(block.norm)
+    bkn_net.load_state_dict(bn_net.state_dict(), strict=False)
+    x = torch.randn(4, 3, 8, 8)
+    outputs, grads = [], []
+    for net in (bn_net, bkn_net):
+        inp = x.clone().requires_grad_()
+        y = run_two_layer(net, inp)
+        (y ** 3).sum().backward()
+        outputs.append(y), grads.append([inp.grad] + [p.grad for name, p in net.named_parameters()
+                                                      if name in dict(bn_net.named_parameters())])
+    assert torch.equal(outputs[0], outputs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    bkn_buffers = bkn_net.state_dict()
+    for name, buffer in bn_net.state_dict().items():  # running statistics too
+        assert torch.equal(buffer, bkn_buffers[name]), name
+
+
+def kalman_reference(x, prior_mean, prior_var, q, weight, bias, eps):
+    """Eqs. 4-5 and the normalization written out for one group in float64."""
+    mean = x.mean(dim=(0, 2, 3))
+    var = x.var(dim=(0, 2, 3), unbiased=False)
+    post_mean = prior_mean + q * (mean - prior_mean)
+    post_var = (1 - q) * prior_var + q * var + q * (1 - q) * (mean - prior_mean) ** 2
+    y = (x - post_mean.view(1, -1, 1, 1)) / (post_var + eps).sqrt().view(1, -1, 1, 1)
+    return y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), post_mean, post_var
+
+
+def test_kalman_norm_matches_the_equations_per_group():
+    layer = N.KalmanNorm2d(4, statistics_batch_size=3, gain=0.3).double()
+    randomize_affine(layer)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2
+    prior = N.KalmanState(torch.randn(2, 4, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64) + 0.5)
+    y, posterior = layer(x, prior)
+    for g, chunk in enumerate(x.split(3)):
+        expected, post_mean, post_var = kalman_reference(chunk, prior.mean[g], prior.var[g], 0.3,
+                                                         layer.weight, layer.bias, layer.eps)
+        torch.testing.assert_close(y[3 * g:3 * g + 3], expected)
+        torch.testing.assert_close(posterior.mean[g], post_mean)
+        torch.testing.assert_close(posterior.var[g], post_var)
+
+
+def test_kalman_norm_groups_equal_separate_runs():
+    base = N.KalmanNorm2d(3, gain=0.4)
+    randomize_affine(base)
+    x = torch.randn(6, 3, 4, 4)
+    prior = N.KalmanState(torch.randn(3, 3), torch.rand(3, 3) + 0.2)
+    grouped = copy.deepcopy(base)
+    grouped.statistics_batch_size = 2
+    y, gx, *_ = grads_of(grouped, x, lambda m, v: m(v, prior)[0])
+    priors = iter(range(3))
+
+    def forward_one(layer, group):
+        g = next(priors)
+        return layer(group, N.KalmanState(prior.mean[g:g + 1], prior.var[g:g + 1]))[0]
+
+    ref_y, ref_gx = separate_runs(lambda: copy.deepcopy(base), x, 2, forward_one)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transition", ["linear", "analytic"])
+def test_predictions_are_per_group(transition):
+    layer = N.KalmanNorm2d(5, in_features=3, transition=transition)
+    with torch.no_grad():
+        if transition == "linear":
+            layer.transition_matrix.normal_()
+    conv = nn.Conv2d(3, 5, 3)
+    previous = N.KalmanState(torch.randn(4, 3), torch.rand(4, 3))
+    whole = layer.predict(previous, conv)
+    for g in range(4):
+        part = layer.predict(N.KalmanState(previous.mean[g:g + 1], previous.var[g:g + 1]), conv)
+        torch.testing.assert_close(part.mean, whole.mean[g:g + 1])
+        torch.testing.assert_close(part.var, whole.var[g:g + 1])
+
+
+def test_fallback_uses_the_observation_when_the_prediction_is_far_too_wide():
+    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.1, fallback_ratio=100.0)
+    x = torch.randn(4, 3, 4, 4)
+    obs_mean, obs_var = BF.group_stats(x, 2)
+    prior = N.KalmanState(torch.zeros(2, 3), torch.stack([obs_var[0] * 1000, obs_var[1] * 2]))
+    _, posterior = layer(x, prior)
+    torch.testing.assert_close(posterior.mean[0], obs_mean[0])  # group 0 fell back to BN
+    torch.testing.assert_close(posterior.var[0], obs_var[0])
+    assert not torch.allclose(posterior.mean[1], obs_mean[1])  # group 1 kept the filter
+    layer.fallback = False
+    _, without = layer(x, prior)
+    assert not torch.allclose(without.var[0], obs_var[0])
+
+
+def test_kalman_norm_eval_options():
+    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.5)
+    prior = N.KalmanState(torch.zeros(2, 3), torch.ones(2, 3))
+    for _ in range(3):
+        layer(torch.randn(4, 3, 4, 4) + 1, prior)
+    layer.eval()
+    x = torch.randn(4, 3, 4, 4)
+    y, state = layer(x, prior)  # option B: population statistics, nothing to pass on
+    assert state is None
+    expected = (x - layer.running_mean.view(1, 3, 1, 1)) / (layer.running_var.view(1, 3, 1, 1) + layer.eps).sqrt()
+    torch.testing.assert_close(y, expected * layer.weight.view(1, 3, 1, 1) + layer.bias.view(1, 3, 1, 1))
+    N.set_inference(layer, "batch")  # option A: run the filter on the test batch
+    y_a, state_a = layer(x, prior)
+    y_train, state_train = copy.deepcopy(layer).train()(x, prior)
+    torch.testing.assert_close(y_a, y_train)
+    torch.testing.assert_close(state_a.var, state_train.var)
+
+
+def test_learned_gain_and_linear_transition_train():
+    layer = N.KalmanNorm2d(4, statistics_batch_size=2, in_features=3, transition="linear", gain=0.2,
+                           learn_gain=True)
+    assert torch.sigmoid(layer.gain_logit).item() == pytest.approx(0.2)
+    prior = layer.predict(N.KalmanState(torch.randn(2, 3), torch.rand(2, 3)))
+    y, _ = layer(torch.randn(4, 4, 3, 3), prior)
+    y.pow(2).sum().backward()
+    assert layer.gain_logit.grad is not None and layer.transition_matrix.grad.abs().sum() > 0
+
+
+def test_gradcheck_every_layer_in_float64():
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bn = N.BatchNorm2d(3, statistics_batch_size=2).double()
+    assert torch.autograd.gradcheck(lambda v: bn(v), (x,))
+    # BRN with r and d clipped (saturated), so they are constant under the numerical perturbation too
+    brn = N.BatchRenorm2d(3, statistics_batch_size=2, r_max=2, d_max=0.5, warmup_steps=0, relax_steps=1,
+                          momentum=0.0).double()  # running stats (and so r, d) fixed across the evaluations
+    N.set_step(brn, 1)
+    with torch.no_grad():
+        brn.running_mean.fill_(10.0), brn.running_var.fill_(100.0)
+    assert torch.autograd.gradcheck(lambda v: brn(v), (x,))
+    bkn = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.3, learn_gain=True).double()
+    prior_mean = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    prior_var = (torch.rand(2, 3, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, m, s: bkn(v, N.KalmanState(m, s))[0], (x, prior_mean, prior_var))
+
+
+# --- safety and hygiene ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["bn", "brn", "bkn"])
+def test_adversarial_inputs_stay_finite(name):
+    layer = N.build_norm(name, 3, statistics_batch_size=1)
+    prior = N.KalmanState(torch.zeros(4, 3), torch.zeros(4, 3))
+    inputs = {"constant channels": torch.ones(4, 3, 5, 5) * 7,
+              "huge activations": torch.randn(4, 3, 5, 5) * 1e6 + 1e7,
+              "group of one example": torch.randn(4, 3, 2, 2)}
+    for what, x in inputs.items():
+        x = x.clone().requires_grad_()
+        out = layer(x, prior)[0] if layer.carries_state else layer(x)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all(), what
+        if layer.carries_state:
+            assert (layer(x.detach(), prior)[1].var >= 0).all(), what
+
+
+def test_bad_input_raises_one_clear_error():
+    layer = N.KalmanNorm2d(4, statistics_batch_size=2)
+    with pytest.raises(ValueError, match="statistics_batch_size=2 does not divide the device batch of 3"):
+        layer(torch.randn(3, 4, 2, 2))
+    with pytest.raises(ValueError, match=r"built for 4 channels \(num_features\) but got input with 5"):
+        layer(torch.randn(2, 5, 2, 2))
+    with pytest.raises(ValueError, match=r"prior of shape \(1, 4\).*\(groups, channels\) = \(2, 4\)"):
+        layer(torch.randn(4, 4, 2, 2), N.KalmanState(torch.zeros(1, 4), torch.ones(1, 4)))
+    with pytest.raises(ValueError, match="expects \\[4\\]-D input"):
+        N.BatchNorm2d(4)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="unknown normalizer 'gn'"):
+        N.build_norm("gn", 4)
+    with pytest.raises(ValueError, match="normalizer 'bn' has no option 'gain'"):
+        N.build_norm("bn", 4, gain=0.5)
+    with pytest.raises(ValueError, match="transition must be"):
+        N.build_norm("bkn", 4, transition="kalman")
+    with pytest.raises(ValueError, match="needs in_features"):
+        N.KalmanNorm2d(4, transition="linear").predict(N.KalmanState(torch.zeros(1, 3), torch.ones(1, 3)))
+
+
+@pytest.mark.parametrize("name, options", [("bn", {}), ("brn", {"r_max": 2.0}),
+                                           ("bkn", {"transition": "linear", "learn_gain": True})])
+def test_state_dict_round_trip_and_repr(name, options):
+    make = lambda: N.build_norm(name, 4, in_features=3, statistics_batch_size=2, **options)  # noqa: E731
+    layer = make()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    layer(torch.randn(4, 4, 3, 3), *([None] if layer.carries_state else []))
+    copy_ = make()
+    copy_.load_state_dict(layer.state_dict())
+    for a, b in zip(layer.state_dict().values(), copy_.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "statistics_batch_size=2" in repr(layer)
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(4)) and torch.equal(layer.running_var, torch.ones(4))
+
+
+def test_autocast_bfloat16_runs_in_low_precision_with_float32_statistics():
+    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": "analytic"})
+    x = torch.randn(4, 3, 8, 8)
+    reference = run_two_layer(net, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = None
+        y, state = net[0](x, state)
+        assert state.mean.dtype == torch.float32
+        y, state = net[1](y, state)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_channels_last_gives_the_same_result():
+    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": "analytic", "gain": 0.5})
+    x = torch.randn(4, 3, 8, 8)
+    reference = run_two_layer(net, x)
+    net = net.to(memory_format=torch.channels_last)
+    y = run_two_layer(net, x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_torch_compile_matches_eager(transition):
+    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": transition, "gain": 0.5})
+    x = torch.randn(4, 3, 8, 8)
+    compiled = torch.compile(lambda v: run_two_layer(net, v))
+    torch.manual_seed(1)
+    expected = run_two_layer(net, x)
+    torch.manual_seed(1)
+    got = compiled(x)
+    if transition != "monte_carlo":  # compiled RNG streams differ from eager ones
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got).all()
