@@ -1,0 +1,134 @@
+"""Run records as plain Python objects: read from the run folders train.py writes, or pulled
+from the W&B API. The record format is train.py's contract (docs/run-records.md); nothing here
+imports training code, so the scripts work on records copied from any machine.
+
+A local run is the folder ``<runs_dir>/<experiment>/<run>/`` holding ``summary.json``,
+``config.yaml`` (the resolved config) and ``metrics.jsonl`` (one JSON object per line, ``kind``
+``train`` or ``eval``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+# Classes of the data sets whose config may not spell them out (synthetic data does: data.num_classes).
+DATA_SET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "digits": 10}
+
+
+@dataclass
+class Run:
+    """One training run: its summary, resolved config and evaluation history."""
+
+    experiment: str
+    name: str
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    evals: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl lines of kind "eval"
+    directory: Path | None = None  # None for a run pulled from W&B
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "unknown"))
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def setting(self) -> tuple[int, int]:
+        """The paper's ``(gradient-batch-size, statistics-batch-size)``."""
+        return int(self.summary["gradient_batch_size"]), int(self.summary["statistics_batch_size"])
+
+    def final(self, inference: str, metric: str = "top1") -> float | None:
+        """The final evaluation's ``metric`` under ``inference`` ('population' or 'batch'), if recorded."""
+        value = (self.summary.get("final") or {}).get(inference, {}).get(metric)
+        return None if value is None else float(value)
+
+    def curve(self, inference: str, metric: str = "top1") -> list[tuple[int, float]]:
+        """``(step, value)`` of every evaluation under ``inference``, in step order."""
+        points = {int(line["step"]): float(line[metric]) for line in self.evals
+                  if line.get("inference") == inference and line.get(metric) is not None}
+        return sorted(points.items())
+
+    def attributes(self) -> dict[str, Any]:
+        """What table rows select runs by (see ``aggregate.Row.match``)."""
+        data_config = self.config.get("data") or {}
+        model_config = self.config.get("model") or {}
+        data = self.summary.get("data") or data_config.get("name")
+        per_device = self.summary.get("per_device_batch_size")
+        return {
+            "setting": self.setting,
+            "model": self.summary.get("model"),
+            "normalizer": self.summary.get("normalizer"),
+            "transition": self.summary.get("transition"),
+            "data": data,
+            "classes": data_config.get("num_classes", DATA_SET_CLASSES.get(data)),
+            "width_multiplier": float(model_config.get("width_multiplier", 1.0)),
+            # Ordinary BN over the whole device batch (the CIFAR baseline) versus statistics groups.
+            "whole_device_batch": per_device is not None and self.setting[1] == int(per_device),
+        }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    texts = path.read_text().splitlines()
+    lines = []
+    for number, text in enumerate(texts, start=1):
+        if not text.strip():
+            continue
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            if number == len(texts):  # a run killed mid-write leaves a torn last line: skip it
+                break
+            raise ValueError(f"{path}:{number} is not JSON; the run record is corrupt") from None
+    return lines
+
+
+def load_run(directory: Path) -> Run:
+    """The run recorded in ``directory`` (which holds its ``summary.json``)."""
+    summary = json.loads((directory / "summary.json").read_text())
+    config_path = directory / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
+    evals = [line for line in _read_jsonl(directory / "metrics.jsonl") if line.get("kind") == "eval"]
+    experiment = summary.get("experiment") or directory.parent.name
+    return Run(experiment, summary.get("run") or directory.name, summary, config, evals, directory)
+
+
+def load_local(runs_dir: Path, experiments: Iterable[str]) -> list[Run]:
+    """Every run of ``experiments`` under ``runs_dir`` (``<runs_dir>/<experiment>/<run>/summary.json``)."""
+    runs = []
+    for experiment in experiments:
+        for summary_path in sorted((runs_dir / experiment).glob("*/summary.json")):
+            runs.append(load_run(summary_path.parent))
+    return runs
+
+
+def load_wandb(project_path: str, experiments: Iterable[str]) -> list[Run]:
+    """Every run of ``experiments`` in the W&B project ``entity/project``.
+
+    train.py logs its resolved config as the W&B config, groups runs by experiment, puts the
+    ``summary.json`` fields in the W&B summary and logs evaluations as ``eval/<inference>/<metric>``.
+    """
+    import wandb  # only this path needs the network, so only it pays the import
+
+    api = wandb.Api(timeout=60)
+    runs = []
+    for experiment in experiments:
+        for remote in api.runs(project_path, filters={"group": experiment}):
+            summary = {key: value for key, value in remote.summary.items() if not key.startswith("_")}
+            summary.setdefault("status", "finished" if remote.state == "finished" else remote.state)
+            evals = []
+            for inference in ("population", "batch"):
+                keys = {metric: f"eval/{inference}/{metric}" for metric in ("top1", "top5", "loss")}
+                for row in remote.scan_history(keys=["_step", *keys.values()]):
+                    evals.append({"kind": "eval", "inference": inference, "step": row.get("trainer/step", row["_step"]),
+                                  **{metric: row.get(key) for metric, key in keys.items()}})
+            runs.append(Run(experiment, remote.name, summary, dict(remote.config), evals))
+    return runs

@@ -1,0 +1,216 @@
+"""scripts/aggregate.py and scripts/plots.py on run records this test writes itself.
+
+The records are fake but in train.py's format (docs/run-records.md); each test computes what the
+table must hold from the values it wrote, and checks the paper's numbers come from PAPER_REFERENCE.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import aggregate  # noqa: E402  (scripts/ is not a package)
+from run_records import load_local  # noqa: E402
+
+
+def write_run(runs_dir: Path, experiment: str, model: str, normalizer: str, seed: int, *,
+              setting: tuple[int, int] = (256, 32), per_device: int = 32, top1: dict[str, float] | None = None,
+              curve: list[tuple[int, float]] = (), status: str = "finished", config: dict | None = None,
+              variant: str = "", **summary_fields) -> Path:
+    """A run folder as train.py writes it; ``top1`` maps inference option to the final top-1."""
+    name = f"{model}{variant}-{normalizer}-g{setting[0]}-s{setting[1]}-seed{seed}"
+    directory = runs_dir / experiment / name
+    directory.mkdir(parents=True)
+    top1 = top1 or {}
+    summary = {
+        "experiment": experiment, "run": name, "status": status, "model": model, "normalizer": normalizer,
+        "transition": "analytic" if normalizer == "bkn" else None, "gradient_batch_size": setting[0],
+        "statistics_batch_size": setting[1], "per_device_batch_size": per_device, "world_size": 1,
+        "accumulation": setting[0] // per_device, "data": "synthetic", "seed": seed, "steps": 100, "step": 100,
+        "final": {inference: {"top1": value, "top5": 100.0, "loss": 1.0} for inference, value in top1.items()},
+        "examples_per_s": 100.0, "wall_time_s": 1.0, "num_parameters": 1000, "versions": {}, **summary_fields,
+    }
+    (directory / "summary.json").write_text(json.dumps(summary))
+    (directory / "config.yaml").write_text(yaml.safe_dump(config or {"model": {"name": model}, "seed": seed}))
+    lines = [{"kind": "train", "step": step, "epoch": 0, "loss": 1.0, "lr": 0.1, "examples_per_s": 100.0,
+              "skipped_steps": 0} for step, _ in curve]
+    lines += [{"kind": "eval", "step": step, "inference": inference, "top1": value, "top5": 100.0, "loss": 1.0,
+               "examples": 256} for step, value in curve for inference in ("population", "batch")]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return directory
+
+
+def read_csv(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(path) as handle:
+        return {(line["row"], line["metric"]): line for line in csv.DictReader(handle)}
+
+
+def markdown_rows(path: Path) -> dict[str, dict[str, str]]:
+    """The Markdown table of ``path`` as {row label: {column header: text}}."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return {cells[0]: dict(zip(header, cells)) for cells in rows}
+
+
+def test_table_shows_our_mean_and_the_papers_number_in_separate_columns(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    bn_top1, bkn_top1 = [41.0, 43.5], [47.25, 44.0, 45.5]
+    for seed, value in enumerate(bn_top1):
+        write_run(runs, "table1", "inception_v2", "bn", seed, top1={"population": value})
+    for seed, value in enumerate(bkn_top1):
+        write_run(runs, "table1", "inception_v2", "bkn", seed, top1={"population": value})
+    write_run(runs, "table1", "resnet101", "bkn", 0, status="running")
+
+    aggregate.main(["table1", "--runs-dir", str(runs), "--out-dir", str(out), "--scale", "smoke"])
+
+    table = read_csv(out / "table1.csv")
+    bn = table["inception_v2/bn", "top1_population"]
+    assert float(bn["ours_mean"]) == pytest.approx(statistics.fmean(bn_top1))
+    assert float(bn["ours_std"]) == pytest.approx(statistics.stdev(bn_top1))
+    assert bn["ours_seeds"] == "2"
+    assert float(bn["paper"]) == aggregate.PAPER_REFERENCE["table1"]["inception_v2/bn"]["top1_population"]
+    gap = table["inception_v2/bkn-bn", "top1_population"]
+    assert float(gap["ours_mean"]) == pytest.approx(statistics.fmean(bkn_top1) - statistics.fmean(bn_top1))
+
+    # No record: missing; a record of a run that has not finished: its status. Never a number.
+    missing = table["resnet101/bn", "top1_population"]
+    assert (missing["ours_mean"], missing["ours_status"]) == ("", "missing")
+    assert float(missing["paper"]) == aggregate.PAPER_REFERENCE["table1"]["resnet101/bn"]["top1_population"]
+    assert table["resnet101/bkn", "top1_population"]["ours_status"] == "running"
+
+    markdown = markdown_rows(out / "table1.md")
+    ours, paper = "top-1 % (population stats, option B) — ours", "top-1 % (population stats, option B) — paper"
+    assert markdown["InceptionV2 + BN"][ours].startswith(f"{statistics.fmean(bn_top1):.2f} ± ")
+    assert markdown["InceptionV2 + BN"][paper] == "73.10"
+    assert markdown["ResNet101 + BN"][ours] == "missing"
+    assert markdown["ResNet101 + BN"][paper] == "77.40"
+    assert markdown["ResNet101 + BKN"][ours] == "running"
+    assert "not the paper's experiment" in (out / "table1.md").read_text()
+
+
+def test_steps_to_reach_bn_top1_reads_the_first_evaluation_at_or_above_it(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    bn_curve = [(10, 20.0), (20, 30.0), (30, 40.0)]
+    bkn_curve = [(10, 25.0), (20, 41.0), (30, 45.0)]
+    write_run(runs, "table1", "inception_v2", "bn", 0, top1={"population": 40.0}, curve=bn_curve)
+    write_run(runs, "table1", "inception_v2", "bkn", 0, top1={"population": 45.0}, curve=bkn_curve)
+
+    aggregate.main(["table1", "--runs-dir", str(runs), "--out-dir", str(out)])
+
+    table = read_csv(out / "table1.csv")
+    expected = {"bn": next(s for s, v in bn_curve if v >= 40.0), "bkn": next(s for s, v in bkn_curve if v >= 40.0)}
+    for normalizer, step in expected.items():
+        assert float(table[f"inception_v2/{normalizer}", "steps_to_bn_top1"]["ours_mean"]) == step
+    ratio = table["inception_v2/bkn/bn", "steps_to_bn_top1"]
+    assert float(ratio["ours_mean"]) == pytest.approx(expected["bkn"] / expected["bn"])
+
+
+def test_figure_reads_table1_baselines_and_draws_a_png(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    curve = [(5, 10.0), (10, 20.0)]
+    for normalizer in ("bn", "brn", "bkn"):
+        for seed in (0, 1):
+            write_run(runs, "fig3", "inception_v2", normalizer, seed, setting=(256, 4), top1={"population": 20.0},
+                      curve=curve)
+    write_run(runs, "table1", "inception_v2", "bn", 0, top1={"population": 33.0}, curve=curve)
+
+    aggregate.main(["fig3", "--runs-dir", str(runs), "--out-dir", str(out)])
+
+    table = read_csv(out / "fig3.csv")
+    baseline = table["inception_v2/baseline", "top1_population"]
+    assert (float(baseline["ours_mean"]), baseline["setting_ours"]) == (33.0, "(256, 32)")
+    assert table["inception_v2/bkn", "top1_population"]["setting_ours"] == "(256, 4)"
+    assert table["resnet101/bkn", "top1_population"]["ours_status"] == "missing"
+    image = matplotlib.image.imread(out / "fig3.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_fig4_reports_both_inference_options(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    finals = {"bn": (30.0, 5.0), "brn": (31.0, 6.0), "bkn": (33.0, 4.0)}
+    for normalizer, (batch, population) in finals.items():
+        write_run(runs, "fig4", "inception_v2", normalizer, 0, setting=(256, 1), per_device=32,
+                  top1={"batch": batch, "population": population}, curve=[(1, 1.0)])
+
+    aggregate.main(["fig4", "--runs-dir", str(runs), "--out-dir", str(out)])
+
+    table = read_csv(out / "fig4.csv")
+    for normalizer, (batch, population) in finals.items():
+        assert float(table[f"inception_v2/{normalizer}", "top1_batch"]["ours_mean"]) == batch
+        assert float(table[f"inception_v2/{normalizer}", "top1_population"]["ours_mean"]) == population
+    gap = table["inception_v2/bkn-brn", "top1_batch"]
+    assert float(gap["ours_mean"]) == pytest.approx(finals["bkn"][0] - finals["brn"][0])
+    assert float(gap["paper"]) == aggregate.PAPER_REFERENCE["fig4"]["inception_v2/bkn-brn"]["top1_batch"]
+    assert (out / "fig4.png").exists()
+
+
+def test_table3_separates_micro_baseline_widened_and_classes(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+
+    def cifar_run(normalizer: str, classes: int, setting: tuple[int, int], top1: float, width: float = 1.0) -> None:
+        config = {"data": {"name": "synthetic", "num_classes": classes}, "model": {"name": "cifar_net",
+                                                                                    "width_multiplier": width}}
+        write_run(runs, "table3", "cifar_net", normalizer, 0, setting=setting, per_device=setting[0],
+                  top1={"batch": top1, "population": top1 - 1}, config=config, variant=f"-c{classes}-w{width}")
+
+    cifar_run("bn", 10, (32, 2), 50.0)
+    cifar_run("bkn", 10, (32, 2), 55.0)
+    cifar_run("bn", 10, (32, 2), 52.0, width=1.25)
+    cifar_run("bn", 10, (32, 32), 60.0)
+    cifar_run("bkn", 100, (32, 2), 20.0)
+    aggregate.main(["table3", "--runs-dir", str(runs), "--out-dir", str(out)])
+
+    table = read_csv(out / "table3.csv")
+    expected = {"cifar10/bn": 50.0, "cifar10/bkn": 55.0, "cifar10/bn_widened": 52.0, "cifar10/baseline": 60.0,
+                "cifar100/bkn": 20.0}
+    for row, top1 in expected.items():
+        assert float(table[row, "top1_batch"]["ours_mean"]) == top1, row
+    assert table["cifar100/bn", "top1_batch"]["ours_status"] == "missing"
+
+
+def test_a_torn_last_metrics_line_is_skipped_and_a_corrupt_one_raises(tmp_path: Path) -> None:
+    directory = write_run(tmp_path, "fig7", "resnet101", "bkn", 0, setting=(8, 2), curve=[(1, 5.0), (2, 6.0)])
+    metrics = directory / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"kind": "eval", "st')
+    (run,) = load_local(tmp_path, ["fig7"])
+    assert run.curve("batch") == [(1, 5.0), (2, 6.0)]
+    metrics.write_text('{"kind": "eval", "st\n' + metrics.read_text())
+    with pytest.raises(ValueError, match="metrics.jsonl:1 is not JSON"):
+        load_local(tmp_path, ["fig7"])
+
+
+def test_study_rows_come_from_the_records_with_mean_and_std(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    values = {((16, 1), "bn"): [30.0, 34.0, 32.0], ((16, 1), "bkn"): [40.0, 41.0, 45.0], ((64, 64), "bn"): [80.0]}
+    for (setting, normalizer), top1s in values.items():
+        for seed, top1 in enumerate(top1s):
+            write_run(runs, "study", "cifar_net", normalizer, seed, setting=setting, per_device=setting[0],
+                      top1={"batch": top1, "population": top1 / 2}, curve=[(1, top1)])
+
+    aggregate.main(["study", "--scale", "study", "--runs-dir", str(runs), "--out-dir", str(out)])
+
+    table = read_csv(out / "study.csv")
+    for (setting, normalizer), top1s in values.items():
+        transition = "analytic" if normalizer == "bkn" else None
+        line = table[f"{setting[0]},{setting[1]}/{normalizer}/{transition}", "top1_batch"]
+        assert float(line["ours_mean"]) == pytest.approx(statistics.fmean(top1s))
+        assert line["paper"] == ""
+    assert (out / "study.png").exists()
+
+
+def test_unknown_id_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        aggregate.main(["table9"])
+    assert "unknown id 'table9'" in capsys.readouterr().err
