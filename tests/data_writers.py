@@ -25,7 +25,10 @@ def _random_images(rng: np.random.Generator, count: int) -> np.ndarray:
     return rng.integers(0, 256, size=(count, CIFAR_PIXELS), dtype=np.uint8)
 
 
-def write_cifar10(root: Path, train_per_file: int = 4, test_size: int = 6, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+Written = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (images (N, 3, 32, 32) uint8, labels (N,))
+
+
+def write_cifar10(root: Path, train_per_file: int = 4, test_size: int = 6, seed: int = 0) -> Written:
     """Write ``root/cifar-10-batches-py`` (5 training batches, test batch, meta); returns
     ``{"train": (images (N, 3, 32, 32) uint8, labels (N,)), "test": ...}`` in file order."""
     rng = np.random.default_rng(seed)
@@ -52,7 +55,7 @@ def write_cifar10(root: Path, train_per_file: int = 4, test_size: int = 6, seed:
             for split, parts in written.items()}
 
 
-def write_cifar100(root: Path, train_size: int = 10, test_size: int = 6, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_cifar100(root: Path, train_size: int = 10, test_size: int = 6, seed: int = 0) -> Written:
     """Write ``root/cifar-100-python`` (train, test, meta); returns the same structure as ``write_cifar10``."""
     rng = np.random.default_rng(seed)
     directory = Path(root) / "cifar-100-python"

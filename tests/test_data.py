@@ -30,7 +30,9 @@ def stacked(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- CIFAR -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, writer, num_classes", [("cifar10", write_cifar10, 10), ("cifar100", write_cifar100, 100)])
+@pytest.mark.parametrize(
+    "name, writer, num_classes", [("cifar10", write_cifar10, 10), ("cifar100", write_cifar100, 100)]
+)
 def test_cifar_reads_the_real_pickle_format(tmp_path, name, writer, num_classes):
     written = writer(tmp_path)
     data = build_datasets(name, root=str(tmp_path), augment=False)
@@ -68,7 +70,8 @@ def test_cifar_image_size_resizes_once(tmp_path):
 
 
 def test_missing_cifar_names_the_paths_and_the_fix(tmp_path):
-    with pytest.raises(DataError, match=r"CIFAR-10 not found: looked for .*cifar-10-batches-py/data_batch_1.*data\.download=true"):
+    looked_for = r"CIFAR-10 not found: looked for .*cifar-10-batches-py/data_batch_1.*data\.download=true"
+    with pytest.raises(DataError, match=looked_for):
         build_datasets("cifar10", root=str(tmp_path))
     with pytest.raises(DataError, match=r"CIFAR-100 not found: looked for .*cifar-100-python/train"):
         build_datasets("cifar100", root=str(tmp_path / "nowhere"))
@@ -176,7 +179,8 @@ def test_synthetic_is_deterministic_and_learnable():
 # --- configuration errors ------------------------------------------------------------------------
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(DataError, match=r"unknown data set 'mnist'; choose data=\.\.\. from cifar10, cifar100, imagenet, digits, synthetic"):
+    choices = r"unknown data set 'mnist'; choose data=\.\.\. from cifar10, cifar100, imagenet, digits, synthetic"
+    with pytest.raises(DataError, match=choices):
         build_datasets("mnist")
 
 

@@ -35,7 +35,9 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None):
         if images.ndim != 4 or labels.shape != (images.shape[0],):
-            raise ValueError(f"images must be (N, C, H, W) and labels (N,); got {tuple(images.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"images must be (N, C, H, W) and labels (N,); got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         self.images = images
         self.labels = labels.to(torch.long)
         self.transform = transform

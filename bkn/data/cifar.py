@@ -64,7 +64,7 @@ def read_cifar_pickle(path: Path, label_key: str) -> tuple[torch.Tensor, torch.T
         ) from None
     if labels.shape != (len(images),):
         raise DataError(f"corrupt CIFAR file {path}: {len(images)} images but {labels.size} labels; fetch it again")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 def _read_split(directory: Path, files: tuple[str, ...], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,9 @@ def build_cifar(
         try:
             layout.downloader(root, download=True)
         except OSError as error:  # no network, a proxy, a full disk: all arrive as OSError
-            raise DataError(f"downloading {layout.title} into {root} failed: {error}; put the files there by hand") from None
+            raise DataError(
+                f"downloading {layout.title} into {root} failed: {error}; put the files there by hand"
+            ) from None
     missing = [str(path) for path in needed if not path.is_file()]
     if missing:
         raise DataError(

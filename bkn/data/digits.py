@@ -18,14 +18,21 @@ DIGITS_MAX_VALUE = 16.0  # the pixels are counts of set bits in 4x4 blocks: 0..1
 
 
 def build_digits(
-    *, root: str, image_size: int | None, download: bool, augment: bool = True, test_size: int = 360, split_seed: int = 0
+    *,
+    root: str,
+    image_size: int | None,
+    download: bool,
+    augment: bool = True,
+    test_size: int = 360,
+    split_seed: int = 0,
 ) -> Datasets:
     """Digits scaled to [0, 1], normalized with the training split's mean/std, upscaled to
     ``image_size`` once if asked; training images shift by up to one original pixel (no flip:
     a mirrored digit is another symbol). ``root`` and ``download`` are unused: the data is bundled."""
     if not NUM_CLASSES <= test_size <= DIGITS_COUNT - NUM_CLASSES:
         raise DataError(
-            f"data.test_size={test_size} for digits; a stratified split needs {NUM_CLASSES}..{DIGITS_COUNT - NUM_CLASSES}"
+            f"data.test_size={test_size} for digits; a stratified split needs "
+            f"{NUM_CLASSES}..{DIGITS_COUNT - NUM_CLASSES} test examples"
         )
     # Imported here: scikit-learn takes seconds to import and only this data set needs it.
     from sklearn.datasets import load_digits

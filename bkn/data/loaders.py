@@ -11,6 +11,7 @@ reproducible for a given run but not bit-identical across a resume.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterator
 
@@ -78,8 +79,11 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     batches (to resume mid-epoch); call it before every epoch, also on one device."""
     sampler = loader.sampler
     if not isinstance(sampler, EpochSampler):
-        raise TypeError(f"set_epoch needs a loader from bkn.data.build_loader, not one sampling with {type(sampler).__name__}")
-    batches = sampler.num_samples // loader.batch_size if loader.drop_last else -(-sampler.num_samples // loader.batch_size)
+        raise TypeError(
+            f"set_epoch needs a loader from bkn.data.build_loader, not one sampling with {type(sampler).__name__}"
+        )
+    rounding = math.floor if loader.drop_last else math.ceil
+    batches = rounding(sampler.num_samples / loader.batch_size)
     if not 0 <= skip_batches <= batches:
         raise ValueError(f"skip_batches={skip_batches}, but an epoch of this loader has {batches} batches")
     sampler.set_epoch(epoch)

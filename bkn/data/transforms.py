@@ -41,9 +41,8 @@ def imagenet_transform(image_size: int, *, train: bool) -> v2.Compose:
         geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose(
-        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
-    )
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
+    return v2.Compose([v2.ToImage(), *geometry, *normalize])
 
 
 def resize_images(images: Tensor, image_size: int) -> Tensor:
