@@ -1,10 +1,13 @@
 """Pure tensor maths shared by every normalizer: statistics groups, the Kalman update,
 normalization with given statistics, and BKN's three transitions.
 
-Shapes: activations are ``(N, C, *spatial)``; statistics are ``(G, C)`` with ``G`` the number
-of statistics groups. Group ``g`` holds the contiguous examples ``g*s .. g*s+s-1`` of the device
-batch, as the authors' code splits it. Statistics are float32 (float64 for float64 input), also
-under autocast.
+Shapes: activations are ``(N, C, *spatial)``; statistics are ``(G, C)`` with ``G = N / s`` statistics
+groups. Group ``g`` holds the examples ``g, g + G, g + 2G, ...`` of the device batch. (The authors'
+code splits the batch into contiguous chunks instead; for shuffled data the two are the same
+thing, and the strided split makes ``(N, C, ...)`` a free view ``(s, G*C, ...)``, so every group's
+statistics are one "channel" of PyTorch's fused batch-norm kernels.)
+
+Statistics are float32 (float64 for float64 input), also under autocast.
 """
 
 from __future__ import annotations
@@ -29,25 +32,89 @@ def num_groups(batch_size: int, statistics_batch_size: int | None) -> int:
 
 
 def _grouped(x: Tensor, groups: int) -> Tensor:
-    """View ``(N, C, *spatial)`` as ``(G, N/G, C, L)`` without a copy (also for channels_last)."""
-    n, c = x.shape[:2]
-    return x.reshape(groups, n // groups, c, -1)
+    """``(N, C, *spatial)`` as ``(N/G, G*C, *spatial)``: a view for contiguous ``x`` (and for any
+    ``x`` when ``G = 1``, channels_last included)."""
+    if groups == 1:
+        return x
+    return x.reshape(x.shape[0] // groups, groups * x.shape[1], *x.shape[2:])
+
+
+def _reduced_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+class _GroupStats(torch.autograd.Function):
+    """Biased per-channel mean and variance of a grouped view, with a one-pass backward.
+
+    Autograd's own ``var_mean`` backward makes several full-size temporaries; the gradient is
+    affine in ``x`` (``dx = x * 2 g_var / n + (g_mean - 2 g_var mean) / n``), so one fused
+    multiply-add suffices.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+        var, mean = torch.var_mean(x, dim=_reduced_dims(x), correction=0)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | None) -> Tensor:
+        x, mean = ctx.saved_tensors
+        count = x.numel() // x.shape[1]
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+        slope = 2 * grad_var / count
+        offset = grad_mean / count - slope * mean
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(offset.view(shape), x, slope.view(shape))
 
 
 def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, Tensor]:
     """Biased mean and variance of each channel in each statistics group, shape ``(G, C)`` each.
 
-    Computed in float32 in one vectorized pass (``var_mean`` is numerically stable for large
-    activations, unlike ``E[x^2] - E[x]^2``).
+    One vectorized pass over all groups; ``var_mean`` is numerically stable for large activations,
+    unlike ``E[x^2] - E[x]^2``.
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
     with torch.autocast(x.device.type, enabled=False):
-        var, mean = torch.var_mean(_grouped(_at_least_float32(x), groups), dim=(1, 3), correction=0)
-    return mean, var
+        mean, var = _GroupStats.apply(_grouped(_at_least_float32(x), groups))
+    return mean.view(groups, -1), var.view(groups, -1)
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _Normalize(torch.autograd.Function):
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` per channel of a grouped view, through
+    PyTorch's fused eval-mode batch-norm kernels, with gradients for the statistics too.
+
+    The kernel's backward gives ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)`` in fused passes; the
+    statistics' gradients follow from those two sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, mean, var, weight)
+        ctx.eps = eps
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, mean, var, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=_memory_format(x)), x, weight, mean, var, None, None, False,
+            ctx.eps, [ctx.needs_input_grad[0], True, True])
+        invstd = torch.rsqrt(var + ctx.eps)
+        grad_mean = -grad_bias * weight * invstd
+        grad_var = -0.5 * grad_weight * weight * invstd * invstd
+        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -55,19 +122,17 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-group ``(G, C)`` statistics.
 
     ``weight`` and ``bias`` are ``(C,)`` or per group ``(G, C)`` (BRN folds its r and d in there).
-    Everything is folded into one scale and one shift per (group, channel), so the full-size work
-    is a single fused multiply-add whose backward keeps only ``x`` and the scale.
     """
     groups, channels = mean.shape
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    y = torch.addcmul(shift.to(x.dtype).view(groups, 1, channels, 1), _grouped(x, groups),
-                      scale.to(x.dtype).view(groups, 1, channels, 1))
-    return y.reshape(x.shape)  # a view, in x's memory format
+    weight = mean.new_ones(channels) if weight is None else weight
+    bias = mean.new_zeros(channels) if bias is None else bias
+    per_group = (groups, channels)
+    weight, bias = (p.to(mean.dtype).expand(per_group).reshape(-1) for p in (weight, bias))
+    y = _Normalize.apply(_grouped(x, groups), mean.reshape(-1), var.reshape(-1), weight, bias, eps)
+    if groups == 1:
+        return y
+    # channels_last input with several groups took a copy in _grouped; hand back x's layout
+    return y.reshape(x.shape).contiguous(memory_format=_memory_format(x))
 
 
 def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_var: Tensor,
