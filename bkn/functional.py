@@ -39,10 +39,6 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
     return x.reshape(x.shape[0] // groups, groups * x.shape[1], *x.shape[2:])
 
 
-def _reduced_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
 class _GroupStats(torch.autograd.Function):
     """Biased per-channel mean and variance of a grouped view, with a one-pass backward.
 
@@ -53,7 +49,9 @@ class _GroupStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
-        var, mean = torch.var_mean(x, dim=_reduced_dims(x), correction=0)
+        # PyTorch's batch-norm statistics kernel: the same biased Welford variance as
+        # torch.var_mean, about twice as fast over the (0, 2, 3) dimensions.
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         ctx.save_for_backward(x, mean)
         return mean, var
 
@@ -72,8 +70,8 @@ class _GroupStats(torch.autograd.Function):
 def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, Tensor]:
     """Biased mean and variance of each channel in each statistics group, shape ``(G, C)`` each.
 
-    One vectorized pass over all groups; ``var_mean`` is numerically stable for large activations,
-    unlike ``E[x^2] - E[x]^2``.
+    One vectorized pass over all groups; the Welford variance is numerically stable for large
+    activations, unlike ``E[x^2] - E[x]^2``.
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
     with torch.autocast(x.device.type, enabled=False):
