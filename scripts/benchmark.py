@@ -1,0 +1,577 @@
+"""Training-step speed and peak memory of BN, BRN and BKN, and the input pipeline's speed (issue 6).
+
+Every variant (one model with one normalizer) is built and warmed up, then all are timed
+round-robin: each repeat runs ``steps`` training steps (forward, backward, SGD step on random data
+of the model's input shape) of every variant in turn, starting one variant later each repeat, so
+a drift of the shared machine hits all variants alike. The report gives the median examples/s and
+its min/max over repeats, the ratio to our BN with one group, the project's speed targets with
+pass/fail, and the input pipeline's examples/s; it is written to ``<output>/<device>.md`` and
+``.csv``.
+
+Peak memory of one training step is the variant's resident tensors (parameters, buffers, optimizer
+state, the batch) plus the most that the step allocates on top of them:
+- CUDA: ``torch.cuda.max_memory_allocated`` during the step minus the allocation before it.
+- CPU: counted exactly by following every tensor storage the step's operators allocate and free
+  (:class:`LiveTensorMemory`). Compiled kernels allocate outside the dispatcher, so with
+  ``--compile`` the CPU column is the eager model's step.
+Neither counts allocator caches or library workspaces, which are not tensors.
+
+    python scripts/benchmark.py --preset cpu
+    python scripts/benchmark.py --model cifar_net --norms bn,bkn_analytic --batch 32 --statistics 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import os
+import pickle
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import bkn.nn
+from bkn.data import build_datasets, build_loader, measure_loader_throughput
+from bkn.functional import num_groups
+from bkn.models import PAPER_IMAGE_SIZE, build_model, list_models
+from bkn.nn import NormSpec
+
+# name -> the normalizer, given the setting's statistics_batch_size. "bn" is the baseline.
+VARIANTS: dict[str, Callable[[int], NormSpec]] = {
+    "torch_bn": lambda statistics: {"name": "bn"},  # built as "bn", then swapped: see swap_in_torch_batchnorm
+    "bn": lambda statistics: {"name": "bn"},
+    "bn_groups": lambda statistics: {"name": "bn", "statistics_batch_size": statistics},
+    "brn": lambda statistics: {"name": "brn", "statistics_batch_size": statistics},
+    "bkn_linear": lambda statistics: {"name": "bkn", "statistics_batch_size": statistics, "transition": "linear"},
+    "bkn_monte_carlo": lambda statistics: {"name": "bkn", "statistics_batch_size": statistics,
+                                           "transition": "monte_carlo"},
+    "bkn_analytic": lambda statistics: {"name": "bkn", "statistics_batch_size": statistics, "transition": "analytic"},
+}
+BASELINE = "bn"
+BKN_VARIANTS = ("bkn_linear", "bkn_monte_carlo", "bkn_analytic")
+NUM_CLASSES = {"cifar10": 10, "imagenet": 1000}
+# data set -> (what the loader reads, image size and batch when no measured model sets them)
+LOADER_DATA = {"cifar10": ("CIFAR-10 pickles", 32, 128), "imagenet": ("ImageNet JPEG folders", 224, 32)}
+
+
+def data_set_of(model: str) -> str:
+    """The paper's data for a model: CIFAR-10 for the 32x32 networks, ImageNet for the others."""
+    return "cifar10" if PAPER_IMAGE_SIZE[model] == 32 else "imagenet"
+
+
+# --- what is measured -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One model at one batch: ``batch`` examples per device, statistics groups of ``statistics``."""
+
+    model: str
+    image_size: int
+    num_classes: int
+    batch: int
+    statistics: int
+    variants: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.image_size}x{self.image_size}, batch {self.batch}, statistics {self.statistics}"
+
+
+@dataclass(frozen=True)
+class Options:
+    device: str
+    warmup: int  # untimed steps per variant (compilation, allocator and oneDNN caches)
+    steps: int  # timed steps per variant per repeat
+    repeats: int
+    compile: bool = False
+    amp: bool = False  # bfloat16 autocast
+    channels_last: bool = False
+    loaders: tuple[str, ...] = ()  # data sets whose input pipeline is measured
+    loader_batches: int = 10
+    loader_workers: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """``variant`` relative to ``reference`` in the same setting: speed ratio >= bound, memory ratio <= bound."""
+
+    variant: str
+    reference: str
+    metric: Literal["speed", "memory"]
+    bound: float
+
+
+def targets_for(device_type: str) -> list[Target]:
+    """The issue's targets; BKN and BN with groups have looser speed bounds on CPU than on GPU."""
+    on_cpu = device_type == "cpu"
+    targets = [Target("bn", "torch_bn", "speed", 0.95),
+               Target("bn_groups", "bn", "speed", 0.90 if on_cpu else 0.95)]
+    for variant in BKN_VARIANTS:
+        targets += [Target(variant, "bn_groups", "speed", 0.90 if on_cpu else 0.985),
+                    Target(variant, "bn_groups", "memory", 1.10)]
+    return targets
+
+
+PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
+    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU; about 8 minutes in all.
+    "cpu": ((Setting("cifar_net", 32, 10, 128, 2, tuple(VARIANTS)),),
+            Options("cpu", warmup=1, steps=2, repeats=5, loaders=("cifar10", "imagenet"))),
+    # InceptionV2 at (256, 32), 32 per device (8 GPUs), and with statistics groups of 4.
+    "gpu": ((Setting("inception_v2", 224, 1000, 32, 32, ("torch_bn", "bn", "bn_groups", *BKN_VARIANTS)),
+             Setting("inception_v2", 224, 1000, 32, 4, ("bn", "bn_groups", "brn", *BKN_VARIANTS))),
+            Options("cuda", warmup=10, steps=20, repeats=7, amp=True, channels_last=True,
+                    loaders=("imagenet",), loader_workers=8)),
+}
+
+
+# --- torch.nn.BatchNorm2d as a reference --------------------------------------------------------
+
+class TorchBatchNorm2d(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` unchanged, plus the one attribute the bkn blocks ask a norm for."""
+
+    carries_state = False
+
+
+def swap_in_torch_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every ``bkn.nn.BatchNorm2d`` with one statistics group by a ``torch.nn.BatchNorm2d``
+    holding the same parameters and running statistics, in place; returns ``model``."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is not bkn.nn.BatchNorm2d:
+                continue
+            if child.statistics_batch_size is not None:
+                raise ValueError(f"{name} has statistics groups of {child.statistics_batch_size}; "
+                                 "torch.nn.BatchNorm2d has one group: build the model with statistics_batch_size=None")
+            reference = TorchBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                         child.track_running_stats)
+            reference.load_state_dict(child.state_dict())
+            reference.train(child.training)
+            setattr(parent, name, reference.to(next(child.buffers(), torch.empty(0)).device))
+    return model
+
+
+# --- one variant: a model, its optimizer and a training step ------------------------------------
+
+@dataclass
+class Candidate:
+    """One built variant of one setting, with what has been measured of it."""
+
+    setting: Setting
+    variant: str
+    step: Callable[[], None]
+    examples_per_s: list[float] = field(default_factory=list)  # one per repeat
+    peak_memory_bytes: int = 0
+
+
+def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
+                    amp: bool) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(forward(inputs), targets)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def storage_bytes(tensors: Iterable[Tensor]) -> dict[int, int]:
+    """Bytes of each distinct storage behind ``tensors``, keyed by its address."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+class LiveTensorMemory(TorchDispatchMode):
+    """Counts the bytes of tensor storages that operators allocate while active, until each is freed.
+
+    ``peak`` is the high-water mark of that count. Storages listed in ``existing`` (alive before)
+    are ignored when an operator returns a view of them.
+    """
+
+    def __init__(self, existing: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.existing = set(existing)
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, address: int) -> None:
+        self.current -= self.live.pop(address)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            address, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or address in self.live or address in self.existing:
+                continue  # empty, a view or in-place result of a counted storage, or older than us
+            self.live[address] = size
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, address)  # storages keep one Python object while alive
+        return out
+
+
+def measure_peak_memory(step: Callable[[], None], resident: dict[int, int], device: torch.device) -> int:
+    """Peak bytes of one call of ``step``: ``resident`` (address -> bytes) plus what the step adds."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return sum(resident.values()) + torch.cuda.max_memory_allocated(device) - before
+    with LiveTensorMemory(existing=resident) as tracker:
+        step()
+    return sum(resident.values()) + tracker.peak
+
+
+def build_candidate(setting: Setting, variant: str, options: Options) -> Candidate:
+    """Build, warm up and measure the memory of one variant; it is timed later, with the others."""
+    device = torch.device(options.device)
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    torch.manual_seed(options.seed)
+    model = build_model(setting.model, setting.num_classes, VARIANTS[variant](setting.statistics), setting.image_size)
+    if variant == "torch_bn":
+        swap_in_torch_batchnorm(model)
+    model = model.to(device, memory_format=memory_format).train()
+    inputs = torch.randn(setting.batch, 3, setting.image_size, setting.image_size, device=device)
+    inputs = inputs.contiguous(memory_format=memory_format)
+    targets = torch.randint(setting.num_classes, (setting.batch,), device=device)
+    # A small rate: random data must not drive any variant into NaNs or denormals, which are slow.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    eager_step = make_train_step(model, optimizer, inputs, targets, options.amp)
+    step = make_train_step(torch.compile(model), optimizer, inputs, targets, options.amp) if options.compile \
+        else eager_step
+    for _ in range(options.warmup):
+        step()
+    synchronize(device)
+    optimizer.zero_grad(set_to_none=True)  # gradients are created inside the measured step
+    optimizer_state = [value for state in optimizer.state.values() for value in state.values()
+                       if isinstance(value, Tensor)]
+    resident = storage_bytes([*model.parameters(), *model.buffers(), *optimizer_state, inputs, targets])
+    memory_step = step if device.type == "cuda" else eager_step
+    return Candidate(setting, variant, step, peak_memory_bytes=measure_peak_memory(memory_step, resident, device))
+
+
+def time_round_robin(candidates: list[Candidate], options: Options) -> None:
+    """Append one examples/s sample per repeat to every candidate, visiting them in rotating order."""
+    device = torch.device(options.device)
+    for repeat in range(options.repeats):
+        shift = repeat % len(candidates)
+        for candidate in candidates[shift:] + candidates[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(options.steps):
+                candidate.step()
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            candidate.examples_per_s.append(options.steps * candidate.setting.batch / seconds)
+        print(f"repeat {repeat + 1}/{options.repeats} done", flush=True)
+
+
+# --- the input pipeline -------------------------------------------------------------------------
+
+def write_cifar10(root: Path, images_per_file: int) -> None:
+    """CIFAR-10's python layout with random images, in its real pickle format (bytes keys)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": generator.integers(0, 256, (images_per_file, 3 * 32 * 32), dtype=np.uint8),
+                 b"labels": generator.integers(0, 10, images_per_file).tolist()}
+        with open(folder / name, "wb") as file:
+            pickle.dump(batch, file, protocol=2)
+
+
+def write_imagenet(root: Path, images: int, classes: int = 4) -> None:
+    """An ImageNet-style class-folder tree of photo-sized JPEGs (256 x 300 px, smooth random images)."""
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", images), ("val", classes)):
+        for index in range(count):
+            folder = root / split / f"n{index % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # Coarse noise upsampled: smooth like a photo, so decoding costs what a real JPEG costs.
+            coarse = torch.randint(0, 256, (1, 3, 32, 38), generator=generator, dtype=torch.uint8).float()
+            pixels = F.interpolate(coarse, size=(256, 300), mode="bilinear").squeeze(0).byte()
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{index:06d}.JPEG", quality=90)
+
+
+@dataclass(frozen=True)
+class LoaderResult:
+    data: str
+    image_size: int
+    batch: int
+    workers: int
+    examples_per_s: float
+    model_examples_per_s: float | None  # BN's training speed on that data's model, if measured
+
+
+def measure_loaders(settings: list[Setting], candidates: list[Candidate], options: Options) -> list[LoaderResult]:
+    """Examples/s of each data set's training loader, next to the matching model's BN speed."""
+    results = []
+    for data in options.loaders:
+        matching = [s for s in settings if data_set_of(s.model) == data]
+        image_size, batch = (matching[0].image_size, matching[0].batch) if matching else LOADER_DATA[data][1:]
+        model_speed = next((statistics.median(c.examples_per_s) for c in candidates
+                            if c.setting in matching and c.variant == BASELINE), None)
+        examples_needed = batch * (options.loader_batches + 1)  # one warm-up batch
+        with tempfile.TemporaryDirectory() as root:
+            if data == "cifar10":
+                write_cifar10(Path(root), images_per_file=-(-examples_needed // 5))
+            else:
+                write_imagenet(Path(root), images=examples_needed)
+            datasets = build_datasets(data, root=root, image_size=image_size)
+            loader = build_loader(datasets.train, batch, train=True, num_workers=options.loader_workers)
+            speed = measure_loader_throughput(loader, options.loader_batches)
+        results.append(LoaderResult(data, image_size, batch, options.loader_workers, speed, model_speed))
+        print(f"loader {data}: {speed:.0f} examples/s", flush=True)
+    return results
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def machine_description(device: torch.device) -> dict[str, str]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "cpu": f"{cpu_model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none used",
+        "python": platform.python_version(), "torch": torch.__version__, "bkn": f"{importlib.metadata.version('bkn')} (git {commit})",
+    }
+
+
+def median(candidate: Candidate) -> float:
+    return statistics.median(candidate.examples_per_s)
+
+
+def find(candidates: list[Candidate], setting: Setting, variant: str) -> Candidate | None:
+    return next((c for c in candidates if c.setting == setting and c.variant == variant), None)
+
+
+def rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    """One flat record per candidate: the CSV's rows and the Markdown tables' source."""
+    records = []
+    for c in candidates:
+        baseline = find(candidates, c.setting, BASELINE)
+        records.append({
+            "model": c.setting.model, "image_size": c.setting.image_size, "batch": c.setting.batch,
+            "statistics": c.setting.statistics, "variant": c.variant,
+            "normalizer": "torch.nn.BatchNorm2d" if c.variant == "torch_bn"
+            else " ".join(f"{k}={v}" for k, v in VARIANTS[c.variant](c.setting.statistics).items()),
+            "examples_per_s_median": round(median(c), 2), "examples_per_s_min": round(min(c.examples_per_s), 2),
+            "examples_per_s_max": round(max(c.examples_per_s), 2),
+            "speed_vs_bn": round(median(c) / median(baseline), 4) if baseline else "",
+            "peak_memory_mib": round(c.peak_memory_bytes / 2**20, 2),
+            "memory_vs_bn": round(c.peak_memory_bytes / baseline.peak_memory_bytes, 4) if baseline else "",
+        })
+    return records
+
+
+def check_targets(candidates: list[Candidate], settings: list[Setting], device_type: str) -> list[dict[str, Any]]:
+    """Every target whose two variants were measured in the same setting, with its ratio and verdict."""
+    checks = []
+    for setting in settings:
+        for target in targets_for(device_type):
+            measured, reference = find(candidates, setting, target.variant), find(candidates, setting, target.reference)
+            if measured is None or reference is None:
+                continue
+            if target.metric == "speed":
+                ratio = median(measured) / median(reference)
+                passed = ratio >= target.bound
+                text = f"{target.variant} examples/s >= {target.bound} x {target.reference}"
+            else:
+                ratio = measured.peak_memory_bytes / reference.peak_memory_bytes
+                passed = ratio <= target.bound
+                text = f"{target.variant} peak memory <= {target.bound} x {target.reference}"
+            checks.append({"setting": setting.label, "target": text, "ratio": ratio, "passed": passed})
+    return checks
+
+
+def ratio_text(ratio: float | str) -> str:
+    return ratio if isinstance(ratio, str) else f"{ratio:.3f}"
+
+
+def markdown_table(header: list[str], body: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in line) + " |" for line in body)]
+
+
+def write_report(output: Path, settings: list[Setting], candidates: list[Candidate], loaders: list[LoaderResult],
+                 options: Options, command: str) -> None:
+    device = torch.device(options.device)
+    machine = machine_description(device)
+    records = rows(candidates)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[*records[0], "device", "compile", "amp", "channels_last",
+                                                  "warmup", "steps", "repeats", *machine])
+        writer.writeheader()
+        for record in records:
+            writer.writerow({**record, "device": options.device, "compile": options.compile, "amp": options.amp,
+                             "channels_last": options.channels_last, "warmup": options.warmup,
+                             "steps": options.steps, "repeats": options.repeats, **machine})
+
+    memory_note = ("torch.cuda.max_memory_allocated during one step, less what was allocated before it, "
+                   "plus the variant's parameters, buffers, optimizer state and batch" if device.type == "cuda" else
+                   "tensor bytes alive at the high-water mark of one eager training step: parameters, buffers, "
+                   "optimizer state and batch, plus every storage the step's operators allocate until it is freed "
+                   "(allocator caches and library workspaces excluded)")
+    lines = [
+        f"# Training-step benchmark: {options.device}", "",
+        f"Reproduce: `{command}` (written {datetime.date.today().isoformat()}).", "",
+        f"- Machine: {machine['cpu']}; GPU: {machine['gpu']}.",
+        f"- Versions: python {machine['python']}, torch {machine['torch']}, bkn {machine['bkn']}.",
+        f"- Mode: {'torch.compile' if options.compile else 'eager'}, {'bf16 autocast' if options.amp else 'fp32'}, "
+        f"{'channels_last' if options.channels_last else 'contiguous'}; random data; SGD with momentum.",
+        f"- Timing: {options.warmup} warm-up step(s) per variant, then {options.repeats} repeats of "
+        f"{options.steps} step(s) per variant, interleaved round-robin; examples/s median (min-max over repeats).",
+        f"- Peak memory: {memory_note}.",
+        "- `vs bn`: ratio to our BatchNorm2d with one statistics group in the same setting.", "",
+    ]
+    for setting in settings:
+        body = [[r["variant"], r["normalizer"], f"{r['examples_per_s_median']:.1f}",
+                 f"{r['examples_per_s_min']:.1f}-{r['examples_per_s_max']:.1f}", ratio_text(r["speed_vs_bn"]),
+                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_bn"])]
+                for r, c in zip(records, candidates) if c.setting == setting]
+        lines += [f"## {setting.label}", "",
+                  *markdown_table(["variant", "normalizer", "examples/s", "min-max", "vs bn", "peak MiB", "vs bn"],
+                                  body), ""]
+    checks = check_targets(candidates, settings, device.type)
+    lines += ["## Targets", ""]
+    lines += markdown_table(["setting", "target", "measured ratio", "result"],
+                            [[c["setting"], c["target"], f"{c['ratio']:.3f}", "pass" if c["passed"] else "FAIL"]
+                             for c in checks]) if checks else ["No target's two variants were measured together."]
+    lines.append("")
+    if loaders:
+        lines += ["## Input pipeline", "",
+                  "Training loader (bkn.data.build_loader, with augmentation) over files written in the real "
+                  "formats to a temporary folder; model examples/s is the `bn` row of the matching model above.", ""]
+        lines += markdown_table(
+            ["data", "image size", "batch", "workers", "loader examples/s", "model examples/s", "loader / model"],
+            [[LOADER_DATA[r.data][0], r.image_size, r.batch, r.workers, f"{r.examples_per_s:.0f}",
+              "not measured in this run" if r.model_examples_per_s is None else f"{r.model_examples_per_s:.1f}",
+              "" if r.model_examples_per_s is None else f"{r.examples_per_s / r.model_examples_per_s:.1f}"]
+             for r in loaders])
+        lines.append("")
+    output.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the issue's settings; other options override it")
+    parser.add_argument("--model", choices=list_models(), help="the bkn.models network")
+    parser.add_argument("--norms", help=f"comma-separated variants of {', '.join(VARIANTS)}, or all")
+    parser.add_argument("--batch", type=int, help="examples per device per step (default 32)")
+    parser.add_argument("--statistics", type=int, help="statistics_batch_size of the grouped variants (default 2)")
+    parser.add_argument("--image-size", type=int, help="default 32 for cifar_net, 224 otherwise")
+    parser.add_argument("--device", help="cpu or cuda (default cpu)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant (default 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per variant per repeat (default 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile every model")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last inputs/weights")
+    parser.add_argument("--loader", nargs="+", choices=[*LOADER_DATA, "none"],
+                        help="the data sets whose input pipeline is measured, or none")
+    parser.add_argument("--loader-batches", type=int, help="timed loader batches (default 10)")
+    parser.add_argument("--loader-workers", type=int, help="loader worker processes (default 2)")
+    parser.add_argument("--output", type=Path, help="report path without suffix (default results/benchmark/<device>)")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[list[Setting], Options]:
+    """The preset (or the free-run defaults) with every given argument applied; bad values raise one line."""
+    if args.preset is None and args.model is None:
+        raise ValueError("nothing to measure: pass --preset cpu|gpu or --model NAME")
+    if args.preset is not None:
+        settings, options = PRESETS[args.preset]
+    else:
+        image_size, num_classes = PAPER_IMAGE_SIZE[args.model], NUM_CLASSES[data_set_of(args.model)]
+        settings = (Setting(args.model, image_size, num_classes, 32, 2, tuple(VARIANTS)),)
+        options = Options("cpu", warmup=2, steps=3, repeats=5)
+    overrides = {"model": args.model, "batch": args.batch, "statistics": args.statistics,
+                 "image_size": args.image_size}
+    if args.norms is not None:
+        variants = tuple(VARIANTS) if args.norms == "all" else tuple(args.norms.split(","))
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"--norms: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)} or all")
+        overrides["variants"] = variants
+    settings = [replace(s, **{k: v for k, v in overrides.items() if v is not None}) for s in settings]
+    options = replace(options, **{k: v for k, v in {
+        "device": args.device, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
+        "compile": args.compile, "amp": args.amp, "channels_last": args.channels_last,
+        "loaders": None if args.loader is None else tuple(d for d in args.loader if d != "none"), "loader_batches": args.loader_batches,
+        "loader_workers": args.loader_workers}.items() if v is not None})
+    for setting in settings:
+        num_groups(setting.batch, setting.statistics)  # raises naming the fix if statistics does not divide batch
+    if options.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {options.device}: use cpu or cuda")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu (or --preset cpu)")
+    if min(options.warmup + 1, options.steps, options.repeats, options.loader_batches) < 1:
+        raise ValueError("--steps, --repeats and --loader-batches must be >= 1, --warmup >= 0")
+    return settings, options
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    try:
+        settings, options = resolve(args)
+    except ValueError as error:
+        sys.exit(f"benchmark: {error}")
+    started = time.perf_counter()
+    candidates = []
+    for setting in settings:
+        for variant in setting.variants:
+            candidates.append(build_candidate(setting, variant, options))
+            print(f"built {setting.label}: {variant}", flush=True)
+    time_round_robin(candidates, options)
+    loaders = measure_loaders(settings, candidates, options)
+    output = args.output or Path("results/benchmark") / options.device
+    command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    write_report(output, settings, candidates, loaders, options, command)
+    print(f"wrote {output}.md and .csv in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
