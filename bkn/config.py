@@ -1,0 +1,326 @@
+"""Validation of a composed config, and the plan derived from it, before any data is read or
+any process group is joined.
+
+``validate(cfg)`` checks every setting and returns a :class:`Plan` (device, processes, how the
+gradient batch splits into device batches, accumulation steps and statistics groups, the run
+directory). A bad setting raises :class:`ConfigError` with one line naming the key and the fix;
+``train.py`` prints it and exits with code 2. The normalizer and model settings are checked by
+building them (the model on the meta device: no memory, no time), so every option their
+constructors accept is accepted here and nothing else.
+
+Importing this module registers the ``bkn.normalizer_label`` resolver that ``run_name`` uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from bkn.data import BUILDERS
+from bkn.models import build_model
+from bkn.nn import build_norm
+
+Launcher = Literal["single", "torchrun", "slurm"]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    launcher: Launcher = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_world(environ: Mapping[str, str] = os.environ) -> World:
+    """Read the launcher's environment: torchrun's variables first, then a submitit SLURM job's."""
+    if "WORLD_SIZE" in environ and "RANK" in environ:
+        return World(int(environ["WORLD_SIZE"]), int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), "torchrun")
+    # submitit runs the same command once per SLURM task; each task is one rank.
+    if environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        return World(int(environ["SLURM_NTASKS"]), int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"]), "slurm")
+    return World()
+
+
+INFERENCE_OPTIONS = ("population", "batch")
+DATA_ON_DISK = ("cifar10", "cifar100", "imagenet")  # the others are bundled or generated
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the key and the fix."""
+
+
+def normalizer_label(normalizer: DictConfig) -> str:
+    """How a normalizer appears in run names: ``bn``, ``brn``, ``bkn-analytic``, ..."""
+    transition = normalizer.get("transition")
+    return normalizer.name if transition is None else f"{normalizer.name}-{transition}"
+
+
+OmegaConf.register_new_resolver("bkn.normalizer_label", normalizer_label, replace=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, derived from the config and the launcher's environment."""
+
+    world: World
+    device: str  # "cpu" or "cuda"
+    gradient_batch_size: int
+    statistics_batch_size: int
+    per_device_batch_size: int
+    accumulation: int
+    eval_batch_size: int
+    image_size: int
+    train_steps: int | None  # as configured: exactly one of train_steps and train_epochs is set
+    train_epochs: int | None
+    run_dir: Path
+    amp: str | None
+    channels_last: bool  # as applied: CUDA only
+    # Known once the training set is loaded (with_train_set):
+    train_examples: int | None = None
+    steps_per_epoch: int | None = None
+    steps: int | None = None
+
+    @property
+    def groups_per_device(self) -> int:
+        return self.per_device_batch_size // self.statistics_batch_size
+
+    def with_train_set(self, train_examples: int) -> Plan:
+        steps_per_epoch = train_examples // self.gradient_batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"the training set has {train_examples} examples, fewer than one gradient batch of "
+                              f"batch.gradient={self.gradient_batch_size}; lower batch.gradient")
+        steps = self.train_steps if self.train_steps is not None else self.train_epochs * steps_per_epoch
+        return replace(self, train_examples=train_examples, steps_per_epoch=steps_per_epoch, steps=steps)
+
+    def describe(self) -> str:
+        """The plan as the dry run prints it."""
+        world = self.world
+        if self.steps is None:
+            length = (f"{self.train_steps} steps" if self.train_steps is not None
+                      else f"{self.train_epochs} epochs (steps known once the data is loaded)")
+        else:
+            length = (f"{self.steps} steps = {self.steps / self.steps_per_epoch:.2f} epochs of {self.train_examples} "
+                      f"training examples ({self.steps_per_epoch} steps per epoch)")
+        rows = [
+            ("run directory", str(self.run_dir)),
+            ("processes", f"{world.size} ({world.launcher}), this one rank {world.rank}, device {self.device}"),
+            ("gradient batch", f"{self.gradient_batch_size} = {self.per_device_batch_size} per device x {world.size} "
+                               f"process(es) x {self.accumulation} accumulation step(s)"),
+            ("statistics", f"groups of {self.statistics_batch_size} examples, {self.groups_per_device} per device batch"),
+            ("evaluation", f"batches of {self.eval_batch_size}"),
+            ("images", f"{self.image_size} x {self.image_size}"),
+            ("length", length),
+            ("precision", f"{self.amp or 'fp32'}, channels_last {'on' if self.channels_last else 'off'}"),
+        ]
+        return "plan:\n" + "\n".join(f"  {name:<15} {value}" for name, value in rows)
+
+
+# --- typed getters: each raises one line naming the key --------------------------------------
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=KeyError)
+    if value is KeyError:
+        raise ConfigError(f"{key} is missing from the config; add it (e.g. +{key}=...) or restore configs/")
+    return value
+
+
+def _int(cfg: DictConfig, key: str, minimum: int = 1, optional: bool = False) -> int | None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}{' or null' if optional else ''}")
+    return value
+
+
+def _number(cfg: DictConfig, key: str, minimum: float, maximum: float = float("inf"),
+            include_minimum: bool = True) -> float:
+    value = _get(cfg, key)
+    low_ok = isinstance(value, (int, float)) and (value >= minimum if include_minimum else value > minimum)
+    if isinstance(value, bool) or not low_ok or not value <= maximum:
+        bracket = "[" if include_minimum else "("
+        raise ConfigError(f"{key}={value!r}: expected a number in {bracket}{minimum}, {maximum}]")
+    return float(value)
+
+
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+def _choice(cfg: DictConfig, key: str, choices: Sequence[Any]) -> Any:
+    value = _get(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _name(cfg: DictConfig, key: str) -> str:
+    value = _get(cfg, key)
+    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise ConfigError(f"{key}={value!r}: expected a non-empty name without '/' (it is a folder name)")
+    return value
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+def _batch(cfg: DictConfig, world: World) -> tuple[int, int, int, int, int]:
+    """(gradient, statistics, per_device, accumulation, eval) batch sizes."""
+    gradient, statistics = _int(cfg, "batch.gradient"), _int(cfg, "batch.statistics")
+    per_device = _int(cfg, "batch.per_device", optional=True)
+    if per_device is None:
+        if gradient % world.size:
+            raise ConfigError(f"batch.gradient={gradient} does not split evenly over {world.size} processes; "
+                              f"make it a multiple of {world.size} or set batch.per_device")
+        per_device = gradient // world.size
+    if per_device % statistics:
+        divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+        raise ConfigError(f"batch.statistics={statistics} does not divide the device batch batch.per_device={per_device}: "
+                          f"each device batch is cut into statistics groups; choose one of {divisors}")
+    if gradient % (per_device * world.size):
+        raise ConfigError(f"batch.gradient={gradient} is not a multiple of batch.per_device x processes = "
+                          f"{per_device} x {world.size}: the gradient batch is per_device x processes x accumulation "
+                          f"steps; change batch.gradient or batch.per_device")
+    accumulation = gradient // (per_device * world.size)
+    eval_batch = _int(cfg, "batch.eval", optional=True) or per_device
+    if eval_batch % statistics:
+        raise ConfigError(f"batch.eval={eval_batch} is not a multiple of batch.statistics={statistics}: option A "
+                          f"normalizes test batches in groups of batch.statistics; choose a multiple")
+    return gradient, statistics, per_device, accumulation, eval_batch
+
+
+def _training_length(cfg: DictConfig) -> tuple[int | None, int | None]:
+    steps, epochs = _int(cfg, "train.steps", optional=True), _int(cfg, "train.epochs", optional=True)
+    if (steps is None) == (epochs is None):
+        raise ConfigError(f"train.steps={steps} and train.epochs={epochs}: set exactly one of them "
+                          f"(e.g. train.steps=1000 train.epochs=null)")
+    _int(cfg, "train.log_every")
+    _int(cfg, "train.max_bad_steps")
+    return steps, epochs
+
+
+def _evaluation_and_checkpoints(cfg: DictConfig) -> None:
+    _int(cfg, "eval.every", optional=True)
+    _int(cfg, "checkpoint.every", optional=True)
+    inference = _get(cfg, "eval.inference")
+    if (not isinstance(inference, ListConfig) or not inference or len(set(inference)) != len(inference)
+            or not set(inference) <= set(INFERENCE_OPTIONS)):
+        raise ConfigError(f"eval.inference={inference!r}: expected a non-empty list of distinct options from "
+                          f"{list(INFERENCE_OPTIONS)} (population: option B, batch: option A)")
+
+
+def _optimizer(cfg: DictConfig) -> None:
+    _choice(cfg, "optim.name", ["sgd"])
+    _number(cfg, "optim.lr", 0, include_minimum=False)
+    momentum = _number(cfg, "optim.momentum", 0, 1)
+    if _bool(cfg, "optim.nesterov") and momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+    _number(cfg, "optim.weight_decay", 0)
+    _bool(cfg, "optim.decay_norm_and_bias")
+    name = _choice(cfg, "schedule.name", ["step", "cosine"])
+    _int(cfg, "schedule.warmup_steps", minimum=0)
+    if name == "step":
+        milestones = _get(cfg, "schedule.milestones")
+        if (not isinstance(milestones, ListConfig) or not all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones)
+                or list(milestones) != sorted(set(milestones))):
+            raise ConfigError(f"schedule.milestones={milestones!r}: expected increasing fractions of the training "
+                              f"steps in (0, 1), e.g. [0.5, 0.75]")
+        _number(cfg, "schedule.gamma", 0, 1, include_minimum=False)
+
+
+def _normalizer(cfg: DictConfig, statistics: int) -> dict[str, Any]:
+    """The normalizer spec for build_norm, checked by building one layer."""
+    spec = OmegaConf.to_container(_get(cfg, "normalizer"))
+    if "statistics_batch_size" in spec:
+        raise ConfigError("normalizer.statistics_batch_size is set by batch.statistics; remove it from the normalizer")
+    spec["statistics_batch_size"] = statistics
+    try:
+        build_norm(num_features=4, in_features=4, **spec)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"normalizer: {error}") from None
+    return spec
+
+
+def _model(cfg: DictConfig, norm: Mapping[str, Any]) -> int:
+    """The input image size, checked by building the model on the meta device."""
+    image_size = _int(cfg, "model.image_size", optional=True) or _int(cfg, "data.image_size", optional=True)
+    if image_size is None:
+        raise ConfigError("model.image_size and data.image_size are both null; set one of them")
+    options = {key: value for key, value in OmegaConf.to_container(_get(cfg, "model")).items()
+               if key not in ("name", "image_size")}
+    try:
+        with torch.device("meta"):
+            build_model(_get(cfg, "model.name"), 10, norm, image_size, **options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model: {error}") from None
+    return image_size
+
+
+def _data(cfg: DictConfig) -> None:
+    name = _choice(cfg, "data.name", list(BUILDERS))
+    _int(cfg, "data.num_workers", minimum=0)
+    root = _get(cfg, "data.root")
+    if name in DATA_ON_DISK and not _bool(cfg, "data.download") and not Path(root or ".").is_dir():
+        raise ConfigError(f"data.root={root} does not exist; point data.root at the folder that holds {name} "
+                          f"(docs/data.md says what goes inside) or pass data.download=true")
+
+
+def _device(cfg: DictConfig, world: World) -> str:
+    device = _choice(cfg, "device", ["auto", "cpu", "cuda"])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"device=cuda but this process (local rank {world.local_rank}) sees "
+                          f"{torch.cuda.device_count()} CUDA device(s); use device=cpu or fewer processes per node")
+    amp = _choice(cfg, "amp", [None, "bf16", "fp16"])
+    if amp == "fp16" and device != "cuda":
+        raise ConfigError("amp=fp16 needs CUDA (its gradient scaler is CUDA-only here); use amp=bf16 or amp=null on CPU")
+    return device
+
+
+def _run_settings(cfg: DictConfig) -> Path:
+    _int(cfg, "seed", minimum=0)
+    for key in ("channels_last", "compile", "dry_run", "logger.wandb.enabled"):
+        _bool(cfg, key)
+    _choice(cfg, "logger.wandb.mode", ["offline", "online", "disabled"])
+    _number(cfg, "logger.wandb.init_timeout_s", 0, include_minimum=False)
+    _number(cfg, "distributed.timeout_s", 0, include_minimum=False)
+    resume = _get(cfg, "resume")
+    if resume not in (None, "auto") and not Path(str(resume)).is_file():
+        raise ConfigError(f"resume={resume}: no such checkpoint file; use resume=auto, resume=null or a path to a .pt file")
+    out_dir = _get(cfg, "out_dir")
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ConfigError(f"out_dir={out_dir!r}: expected a folder path")
+    return Path(out_dir) / _name(cfg, "experiment_name") / _name(cfg, "run_name")
+
+
+def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
+    """Check every setting of ``cfg`` (as composed by Hydra) and derive the run's plan."""
+    world = detect_world(environ)
+    gradient, statistics, per_device, accumulation, eval_batch = _batch(cfg, world)
+    steps, epochs = _training_length(cfg)
+    _evaluation_and_checkpoints(cfg)
+    _optimizer(cfg)
+    norm = _normalizer(cfg, statistics)
+    _data(cfg)
+    image_size = _model(cfg, norm)
+    device = _device(cfg, world)
+    run_dir = _run_settings(cfg)
+    return Plan(world=world, device=device, gradient_batch_size=gradient, statistics_batch_size=statistics,
+                per_device_batch_size=per_device, accumulation=accumulation, eval_batch_size=eval_batch,
+                image_size=image_size, train_steps=steps, train_epochs=epochs, run_dir=run_dir, amp=cfg.amp,
+                channels_last=cfg.channels_last and device == "cuda")

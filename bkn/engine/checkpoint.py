@@ -1,0 +1,68 @@
+"""Checkpoints that survive crashes, and the SIGTERM / SIGINT flag that asks for one.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then moved over
+``last.pt`` with ``os.replace`` (atomic on POSIX): a crash or kill mid-write leaves the previous
+``last.pt`` whole. Checkpoints hold only tensors and plain containers and are read with
+``torch.load(weights_only=True)``, so loading one never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+LAST = "last.pt"
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / LAST
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT set ``requested`` instead of killing the process, so the
+    training loop can checkpoint at the next step boundary and exit cleanly (SLURM preemption,
+    ``scancel``, torchrun shutting down its workers, Ctrl+C)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(number).name
+
+    def __enter__(self) -> StopRequest:
+        for number in self.SIGNALS:
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)

@@ -1,0 +1,79 @@
+"""Top-1 / top-5 accuracy and loss on the test set with either inference option of the paper.
+
+- ``population`` (option B): every normalizer uses its running statistics, so an example's output
+  does not depend on the rest of its batch. A last batch that is not a multiple of the statistics
+  batch size is padded with copies of its first example, which are not counted: every test example
+  is evaluated.
+- ``batch`` (option A): each test batch is normalized in groups of the training
+  ``statistics_batch_size`` with its own statistics. A last batch is trimmed to a multiple of it
+  (a group must be full), and the result reports how many examples were evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkn.nn import set_inference
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    top1: float  # percent
+    top5: float  # percent (top-k with k = the number of classes when there are fewer than 5)
+    loss: float  # mean cross-entropy
+    examples: int
+
+
+def _full_groups(images: Tensor, labels: Tensor, statistics_batch_size: int,
+                 inference: str) -> tuple[Tensor, Tensor]:
+    remainder = len(labels) % statistics_batch_size
+    if remainder == 0:
+        return images, labels
+    if inference == "batch":
+        keep = len(labels) - remainder
+        return images[:keep], labels[:keep]
+    padding = images[:1].expand(statistics_batch_size - remainder, *images.shape[1:])
+    return torch.cat([images, padding]), labels
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, inference: str,
+             statistics_batch_size: int, to_device: Callable[[Tensor], Tensor],
+             autocast: Callable[[], AbstractContextManager[None]]) -> EvalResult:
+    """Evaluate ``model`` (unwrapped: no DDP, no compile) on ``batches`` of (images, labels);
+    ``to_device`` moves an image batch to the model's device and memory format."""
+    was_training = model.training
+    model.eval()
+    set_inference(model, inference)
+    device = next(model.parameters()).device
+    correct1 = torch.zeros((), device=device, dtype=torch.long)
+    correct5 = torch.zeros_like(correct1)
+    loss_sum = torch.zeros((), device=device)
+    examples = 0
+    try:
+        for images, labels in batches:
+            images, labels = _full_groups(images, labels, statistics_batch_size, inference)
+            if len(labels) == 0:
+                continue
+            labels = labels.to(device, non_blocking=True)
+            with autocast():
+                logits = model(to_device(images))[: len(labels)].float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            correct1 += top[:, 0].sum()
+            correct5 += top.any(dim=1).sum()
+            examples += len(labels)
+    finally:
+        set_inference(model, "population")
+        model.train(was_training)
+    if examples == 0:
+        raise ValueError(f"no test batch holds a full statistics group of {statistics_batch_size} examples; "
+                         f"lower batch.statistics or use more test data")
+    return EvalResult(100 * correct1.item() / examples, 100 * correct5.item() / examples,
+                      loss_sum.item() / examples, examples)

@@ -1,0 +1,136 @@
+"""Where a run's numbers go: the local run record, the console and, if enabled, Weights & Biases.
+
+Only the main rank logs. W&B is best effort: any failure (not installed, no network, a bad
+setting, an init that times out) becomes one warning and training continues with the local
+record. Nothing is read from the environment for W&B beyond what wandb itself reads; the config
+it receives is redacted like the run record's. On a terminal a progress bar with throughput and
+ETA redraws every step; otherwise (logs, SLURM) plain lines appear every ``train.log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from bkn.engine.records import RunRecord, redact
+
+log = logging.getLogger("bkn")
+
+
+class WandbLogger:
+    """A W&B run that never raises: ``run`` is None when W&B is off or failed."""
+
+    def __init__(self, settings: dict[str, Any], *, run_dir: Path, name: str, group: str, tags: list[str],
+                 config: dict[str, Any]) -> None:
+        self.run: Any = None
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=settings["project"], entity=settings["entity"], group=group, tags=tags, name=name,
+                # One W&B run per run directory, so a resumed run continues its curves.
+                id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16], resume="allow",
+                dir=str(run_dir), mode=settings["mode"], config=redact(config),
+                settings=wandb.Settings(init_timeout=settings["init_timeout_s"]),
+            )
+        except Exception as error:  # W&B must never stop training
+            self._disable("init", error)
+
+    def _disable(self, action: str, error: Exception) -> None:
+        log.warning("W&B %s failed (%s: %s); W&B logging is off for this run, training continues with the "
+                    "local run record", action, type(error).__name__, error)
+        self.run = None
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(values, step=step)
+            except Exception as error:
+                self._disable("log", error)
+
+    def finish(self, status: str) -> None:
+        if self.run is not None:
+            try:
+                self.run.summary["status"] = status
+                self.run.finish(exit_code=0 if status in ("finished", "preempted") else 1)
+            except Exception as error:
+                self._disable("finish", error)
+
+
+class ProgressBar:
+    """A one-line bar on a terminal: step, percentage, last loss, examples/s and ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, stream: TextIO) -> None:
+        self.total_steps, self.start_step = total_steps, start_step
+        self.stream = stream
+        self.started = time.perf_counter()
+        self.status = ""
+
+    def update(self, step: int) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed / done * (self.total_steps - step) if done else 0.0
+        self.stream.write(f"\rstep {step}/{self.total_steps} [{100 * step / self.total_steps:3.0f}%] "
+                          f"{self.status} ETA {_duration(remaining)}\033[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class RunLogger:
+    """Sends every train / eval line to the run record, W&B and the console (main rank only)."""
+
+    def __init__(self, record: RunRecord, wandb_logger: WandbLogger | None, *, total_steps: int, start_step: int,
+                 enabled: bool, stream: TextIO = sys.stdout) -> None:
+        self.record, self.wandb = record, wandb_logger
+        self.enabled = enabled
+        interactive = enabled and stream.isatty()
+        self.bar = ProgressBar(total_steps, start_step, stream) if interactive else None
+
+    def step(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step)
+
+    def train(self, line: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.record.append({"kind": "train", **line})
+        if self.wandb is not None:
+            self.wandb.log({f"train/{key}": value for key, value in line.items() if key != "step"}, line["step"])
+        loss = "nan" if line["loss"] is None else f"{line['loss']:.4f}"
+        text = (f"loss {loss} lr {line['lr']:.4g} {line['examples_per_s']:.0f} ex/s "
+                f"skipped {line['skipped_steps']}")
+        if self.bar is not None:
+            self.bar.status = text
+        else:
+            log.info("step %d (epoch %.2f): %s", line["step"], line["epoch"], text)
+
+    def eval(self, line: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.record.append({"kind": "eval", **line})
+        inference = line["inference"]
+        if self.wandb is not None:
+            self.wandb.log({f"eval_{inference}/{key}": line[key] for key in ("top1", "top5", "loss")}, line["step"])
+        if self.bar is not None:
+            self.bar.close()
+        log.info("eval at step %d, %s statistics: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
+                 line["step"], inference, line["top1"], line["top5"], line["loss"], line["examples"])
+
+    def close(self, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish(status)

@@ -1,0 +1,94 @@
+"""The local run record every run writes (the format is documented in docs/run-records.md):
+
+``<out_dir>/<experiment_name>/<run_name>/config.yaml`` (the resolved config), ``metrics.jsonl`` (one
+JSON object per line: train and eval lines), ``summary.json`` (the run's settings, status and final
+accuracies, rewritten at every evaluation) and ``checkpoints/last.pt``.
+
+Only the main rank writes. Files are strict JSON: a non-finite number is written as ``null``.
+Values under keys that look like credentials are replaced before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECRET_KEY = re.compile(r"api[_-]?key|token|secret|password|credential", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> Any:
+    """A copy of a nested dict/list with every credential-like key's value replaced."""
+    if isinstance(value, dict):
+        return {key: REDACTED if SECRET_KEY.search(str(key)) else redact(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value
+
+
+def _strict_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class RunRecord:
+    """Writer of one run's record; every method is a no-op unless ``writable`` (the main rank)."""
+
+    def __init__(self, run_dir: Path, writable: bool) -> None:
+        self.run_dir = run_dir
+        self.writable = writable
+        self.config_path = run_dir / "config.yaml"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.summary_path = run_dir / "summary.json"
+
+    def start(self, config: dict[str, Any], resumed_step: int | None) -> None:
+        """Write the config; a fresh run (``resumed_step`` None) drops an earlier record's metrics and
+        summary, a resumed one drops the lines after its checkpoint's step (they are replayed)."""
+        if not self.writable:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.config_path, yaml.safe_dump(redact(config), sort_keys=False))
+        if resumed_step is None:
+            self.metrics_path.unlink(missing_ok=True)
+            self.summary_path.unlink(missing_ok=True)
+        elif self.metrics_path.exists():
+            kept = [line for line in read_metrics(self.run_dir) if line["step"] <= resumed_step]
+            _write_atomically(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
+
+    def append(self, line: dict[str, Any]) -> None:
+        if self.writable:
+            with open(self.metrics_path, "a") as file:
+                file.write(json.dumps(_strict_json(line), allow_nan=False) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.writable:
+            _write_atomically(self.summary_path, json.dumps(_strict_json(summary), indent=2, allow_nan=False) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
