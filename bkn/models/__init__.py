@@ -1,0 +1,61 @@
+"""The paper's networks, built by name: ``build_model("resnet101", 1000, {"name": "bkn", ...}, 224)``.
+
+Every conv is followed by the chosen normalizer (BN, BRN or BKN) and the BKN estimate flows
+through the forward pass explicitly; ``model(x)`` returns logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+from torch import nn
+
+from bkn.models import cifar_net, inception_v2, preact_resnet, resnet
+from bkn.nn import NormSpec
+
+Builder = Callable[..., nn.Module]  # builder(num_classes, norm, image_size, **options)
+
+MODELS: dict[str, Builder] = {
+    "cifar_net": cifar_net.cifar_net,
+    "inception_v2": inception_v2.inception_v2,
+    **{name: partial(resnet.resnet, name) for name in resnet.LAYOUTS},
+    **{name: partial(preact_resnet.preact_resnet, name) for name in preact_resnet.DEPTHS},
+}
+
+
+
+class PaperInput(NamedTuple):
+    image_size: int
+    num_classes: int
+
+
+# What each network classifies in the paper: 224x224 ImageNet crops or 32x32 CIFAR-10 images.
+PAPER_INPUT: dict[str, PaperInput] = {
+    name: PaperInput(32, 10) if name in ("cifar_net", *preact_resnet.DEPTHS) else PaperInput(224, 1000)
+    for name in MODELS
+}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def build_model(name: str, num_classes: int, norm: NormSpec, image_size: int, **options: Any) -> nn.Module:
+    """Build model ``name`` for ``image_size`` x ``image_size`` inputs with normalizer ``norm``.
+
+    ``norm`` holds :func:`bkn.nn.build_norm`'s arguments. ``options`` are the model's own
+    (``in_channels``; ``zero_init_residual`` for the ResNets).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (model=...)")
+    builder = MODELS[name]
+    accepted = set(inspect.signature(builder).parameters) - {"num_classes", "norm", "image_size"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {unknown[0]!r}; its options are {sorted(accepted)}")
+    return builder(num_classes=num_classes, norm=norm, image_size=image_size, **options)
+
+
+__all__ = ["MODELS", "PAPER_INPUT", "PaperInput", "build_model", "list_models"]
