@@ -1,0 +1,167 @@
+"""scripts/benchmark.py: an end-to-end run with a tiny model, the torch.nn.BatchNorm2d swap, the
+memory counter, and the one-line errors. No timing is asserted: only that what is written is
+complete and consistent with itself."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bkn.nn
+from bkn.models import build_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+benchmark = importlib.util.module_from_spec(spec)
+sys.modules["benchmark"] = benchmark  # dataclasses look their module up by name
+spec.loader.exec_module(benchmark)
+
+TINY = ["--model", "cifar_net", "--image-size", "2", "--batch", "4", "--statistics", "2",
+        "--warmup", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "1", "--loader-workers", "0"]
+
+
+def read_report(stem: Path) -> tuple[list[dict[str, str]], str]:
+    with open(stem.with_suffix(".csv"), newline="") as file:
+        return list(csv.DictReader(file)), stem.with_suffix(".md").read_text()
+
+
+def test_end_to_end_report_has_every_variant_ratio_and_target(tmp_path: Path) -> None:
+    stem = tmp_path / "cpu"
+    benchmark.main([*TINY, "--loader", "cifar10", "imagenet", "--output", str(stem)])
+    records, markdown = read_report(stem)
+
+    assert [r["variant"] for r in records] == list(benchmark.VARIANTS)
+    by_variant = {r["variant"]: r for r in records}
+    baseline = by_variant["bn"]
+    for record in records:
+        speed = float(record["examples_per_s_median"])
+        assert 0 < float(record["examples_per_s_min"]) <= speed <= float(record["examples_per_s_max"])
+        assert float(record["speed_vs_bn"]) == pytest.approx(speed / float(baseline["examples_per_s_median"]), rel=1e-3)
+        assert float(record["memory_vs_bn"]) == pytest.approx(
+            float(record["peak_memory_mib"]) / float(baseline["peak_memory_mib"]), rel=1e-2)
+        assert f"| {record['variant']} |" in markdown
+    # BKN's extra statistics are (G, C) tensors on top of the same network: memory cannot be lower.
+    assert float(by_variant["bkn_analytic"]["peak_memory_mib"]) >= float(baseline["peak_memory_mib"])
+
+    # Every target of this device appears once, and its verdict follows from the CSV's own numbers.
+    targets = re.findall(r"\| (\w+) (examples/s >=|peak memory <=) ([\d.]+) x (\w+) \| ([\d.]+) \| (pass|FAIL) \|",
+                         markdown)
+    assert len(targets) == len(benchmark.targets_for("cpu"))
+    for variant, kind, bound, reference, _, verdict in targets:
+        column = "examples_per_s_median" if kind.startswith("examples") else "peak_memory_mib"
+        ratio = float(by_variant[variant][column]) / float(by_variant[reference][column])
+        if abs(ratio - float(bound)) > 1e-2:  # away from the rounding of the CSV
+            assert (verdict == "pass") == (ratio >= float(bound) if kind.startswith("examples") else ratio <= float(bound))
+
+    assert "CIFAR-10 pickles | 2 | 4 | 0 |" in markdown and "ImageNet JPEG folders | 224 | 32 | 0 |" in markdown
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # the machine is named by its CPU model
+        model_name = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert model_name.split(":", 1)[1].strip() in markdown
+    assert f"torch {torch.__version__}" in markdown
+
+
+def test_cuda_code_path_options_run_on_cpu(tmp_path: Path) -> None:
+    """bf16 autocast and channels_last (the CUDA options) through the same code, on the CPU."""
+    stem = tmp_path / "options"
+    benchmark.main([*TINY, "--norms", "bn,bkn_analytic", "--amp", "--channels-last", "--loader", "none",
+                    "--output", str(stem)])
+    records, markdown = read_report(stem)
+    assert [r["variant"] for r in records] == ["bn", "bkn_analytic"]
+    assert records[0]["amp"] == "True" and records[0]["channels_last"] == "True"
+    assert "bf16 autocast, channels_last" in markdown and "Input pipeline" not in markdown
+
+
+def test_torch_bn_swap_gives_the_same_model() -> None:
+    torch.manual_seed(0)
+    ours = build_model("cifar_net", 10, {"name": "bn"}, 8)
+    with torch.no_grad():  # non-trivial affine parameters and running statistics to carry over
+        for module in ours.modules():
+            if isinstance(module, bkn.nn.BatchNorm2d):
+                for tensor in (module.weight, module.bias, module.running_mean):
+                    tensor.normal_()
+                module.running_var.uniform_(0.5, 2)
+    reference = benchmark.swap_in_torch_batchnorm(copy.deepcopy(ours))
+
+    assert not any(isinstance(m, bkn.nn.BatchNorm2d) for m in reference.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules()) == \
+        sum(isinstance(m, bkn.nn.BatchNorm2d) for m in ours.modules())
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(reference.eval()(x), ours.eval()(x))
+    # In training mode, one statistics group is the batch: outputs and running statistics agree too.
+    torch.testing.assert_close(reference.train()(x), ours.train()(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reference.stem.norm.running_var, ours.stem.norm.running_var)
+
+
+def test_torch_bn_swap_refuses_statistics_groups() -> None:
+    model = build_model("cifar_net", 10, {"name": "bn", "statistics_batch_size": 2}, 8)
+    with pytest.raises(ValueError, match="statistics_batch_size=None"):
+        benchmark.swap_in_torch_batchnorm(model)
+
+
+def test_live_tensor_memory_counts_allocations_until_freed() -> None:
+    mib = 2**20
+    with benchmark.LiveTensorMemory() as tracker:
+        a = torch.ones(mib // 4)  # 1 MiB of float32
+        b = a * 2  # 2 MiB alive
+        del a  # 1 MiB
+        c = b + 1  # 2 MiB again, never 3
+        b.add_(1)  # in place and views allocate nothing
+        view = c.view(-1)
+        del b, c, view
+    assert tracker.peak == 2 * mib
+    assert tracker.current == 0
+
+
+def test_peak_memory_covers_resident_tensors_and_saved_activations() -> None:
+    """The step's peak is at least the resident state plus what autograd saves for the backward."""
+    model = build_model("cifar_net", 10, {"name": "bkn", "statistics_batch_size": 2}, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    inputs, targets = torch.randn(4, 3, 4, 4), torch.randint(10, (4,))
+    step = benchmark.make_train_step(model, optimizer, inputs, targets, amp=False)
+    resident = benchmark.storage_bytes([*model.parameters(), *model.buffers(), inputs, targets])
+
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        torch.nn.functional.cross_entropy(model(inputs), targets)
+    activations = sum(size for address, size in saved.items() if address not in resident)
+
+    peak = benchmark.measure_peak_memory(step, resident, torch.device("cpu"))
+    assert peak >= sum(resident.values()) + activations
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ([], "pass --preset"),
+    (["--model", "cifar_net", "--batch", "6", "--statistics", "4"], "does not divide"),
+    (["--model", "cifar_net", "--norms", "bn,layernorm"], "unknown variant 'layernorm'"),
+    (["--model", "cifar_net", "--steps", "0"], "must be >= 1"),
+])
+def test_bad_arguments_exit_with_one_line(arguments: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        benchmark.main(arguments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_preset_without_cuda_says_so() -> None:
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        benchmark.main(["--preset", "gpu"])
+
+
+@pytest.mark.slow
+def test_compiled_models_run_end_to_end(tmp_path: Path) -> None:
+    stem = tmp_path / "compiled"
+    benchmark.main([*TINY, "--norms", "bn,bkn_analytic", "--compile", "--loader", "none", "--output", str(stem)])
+    records, _ = read_report(stem)
+    assert [r["variant"] for r in records] == ["bn", "bkn_analytic"] and records[0]["compile"] == "True"
