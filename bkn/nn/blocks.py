@@ -29,7 +29,7 @@ class ConvNormAct(nn.Module):
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
         y = self.conv(x)
-        if self.norm.carries_state:
+        if getattr(self.norm, "carries_state", False):  # any other norm module (torch's too) works
             y, state = self.norm(y, self.norm.predict(state, self.conv))
         else:
             y, state = self.norm(y), None
