@@ -145,9 +145,9 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
         if unused:
             log.info("DDP: %d parameters get no gradient (e.g. %s); searching for unused parameters every step",
                      len(unused), unused[0])
-        # broadcast_buffers=False: running statistics stay per rank (evaluation uses rank 0's).
+        # Running statistics stay per rank (no buffer sync before each forward); evaluation uses rank 0's.
         session.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False, find_unused_parameters=bool(unused))
+                                              forward_sync_buffers=False, find_unused_parameters=bool(unused))
         session.model = session.ddp
     if cfg.compile:
         session.model = torch.compile(session.model)
