@@ -14,6 +14,8 @@ import runpy
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,18 @@ class TinyNet(nn.Module):
 
 def register_tiny_net(monkeypatch: Any) -> None:
     monkeypatch.setitem(MODELS, "tiny_net", TinyNet)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch with one thread, as in the subprocesses: bit-for-bit comparisons need the same
+    thread count on both sides (reductions split differently otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -9,13 +9,13 @@ trains, and keeps ``summary.json`` current: "running" while training, then "fini
 from __future__ import annotations
 
 import logging
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import bkn
 from bkn.config import ConfigError, Plan
 from bkn.engine.checkpoint import StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
@@ -32,17 +32,24 @@ RUN_DEFINING_KEYS = ("model", "normalizer", "data.name", "data.image_size", "bat
                      "optim", "schedule", "seed", "amp")
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def _leaves(value: Any, key: str) -> dict[str, Any]:
+    """``{"optim.lr": 0.1, ...}`` for a (nested) config value at ``key``."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict) and value:
+        return {leaf: item for name, child in value.items() for leaf, item in _leaves(child, f"{key}.{name}").items()}
+    return {key: value}
 
 
 def _check_same_run(saved_config: Path, cfg: DictConfig) -> None:
     saved = OmegaConf.load(saved_config)
     for key in RUN_DEFINING_KEYS:
-        before, now = _plain(OmegaConf.select(saved, key)), _plain(OmegaConf.select(cfg, key))
-        if before != now:
-            raise ConfigError(f"resume=auto: {saved_config.parent} holds a run made with {key}={before}, this config "
-                              f"has {key}={now}; pass resume=null to start it over, or choose another run_name")
+        before, now = _leaves(OmegaConf.select(saved, key), key), _leaves(OmegaConf.select(cfg, key), key)
+        for leaf in sorted(before.keys() | now.keys()):
+            if before.get(leaf, "<unset>") != now.get(leaf, "<unset>"):
+                raise ConfigError(f"resume=auto: {saved_config.parent} holds a run made with {leaf}="
+                                  f"{before.get(leaf, '<unset>')}, this config has {leaf}={now.get(leaf, '<unset>')}; "
+                                  f"pass resume=null to start it over, or choose another run_name")
 
 
 def _resume_source(cfg: DictConfig, plan: Plan) -> Path | None:
@@ -98,7 +105,7 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
         "examples_per_s": session.step * plan.gradient_batch_size / session.train_seconds if session.train_seconds else None,
         "wall_time_s": session.wall_seconds(),
         "num_parameters": session.num_parameters,
-        "versions": {"torch": torch.__version__, "bkn": bkn.__version__},
+        "versions": {"torch": torch.__version__, "bkn": version("bkn")},
     }
 
 

@@ -1,0 +1,64 @@
+"""Resuming: a train.py process SIGKILLed in the middle of a run and restarted with resume=auto
+ends with exactly the parameters of an uninterrupted run; resume refuses a changed config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bkn.config import ConfigError
+from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
+from bkn.engine.records import read_metrics, read_summary
+from training_helpers import TINY, final_state, one_thread, register_tiny_net, run_fault_runner, train_in_process
+
+# 14 steps over epochs of 6 steps (48 examples, 8 per step), checkpoints every 3 steps. The
+# Monte-Carlo transition draws noise every step, so the RNG state must be restored too.
+RUN = [*TINY, "normalizer=bkn_monte_carlo", "train.steps=14", "checkpoint.every=3", "eval.every=5"]
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    with one_thread():
+        reference = train_in_process(tmp_path / "reference", RUN)
+
+    out_dir = f"out_dir={tmp_path / 'killed'}"
+    # SIGKILL during step 8 (0-based; the next epoch started at step 6): last checkpoint at step 6.
+    killed = run_fault_runner(tmp_path, [*RUN, out_dir], fault="kill@7")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_dir = tmp_path / "killed" / reference.relative_to(tmp_path / "reference")
+    assert load_checkpoint(checkpoint_path(run_dir))["step"] == 6
+    assert read_summary(run_dir)["status"] == "running"
+
+    resumed = run_fault_runner(tmp_path, [*RUN, out_dir])  # resume=auto is the default
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+
+    expected, actual = final_state(reference), final_state(run_dir)
+    assert expected.keys() == actual.keys()
+    for key in expected:  # parameters and running statistics, bit for bit
+        assert torch.equal(expected[key], actual[key]), key
+    # The record reads as one run: the replayed steps 7-8 are not logged twice, the losses agree.
+    ours, theirs = read_metrics(run_dir), read_metrics(reference)
+    assert [(line["kind"], line["step"]) for line in ours] == [(line["kind"], line["step"]) for line in theirs]
+    assert [line["loss"] for line in ours] == [line["loss"] for line in theirs]
+    assert read_summary(run_dir)["status"] == "finished"
+
+
+def test_resume_auto_refuses_a_run_made_with_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    run_dir = train_in_process(tmp_path, [*TINY, "train.steps=3"])
+    (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
+    with pytest.raises(ConfigError, match=r"made with optim.lr=0.05, this config has optim.lr=0.2; pass resume=null"):
+        train_in_process(tmp_path, [*TINY, "train.steps=3", "optim.lr=0.2"])
+    train_in_process(tmp_path, [*TINY, "train.steps=3", "optim.lr=0.2", "resume=null"])  # starts over
+    assert read_summary(run_dir)["status"] == "finished"
+
+
+def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    short = train_in_process(tmp_path / "short", [*TINY, "train.steps=6"])
+    continued = train_in_process(tmp_path / "long", [*TINY, "train.steps=8", f"resume={checkpoint_path(short)}"])
+    assert read_metrics(continued)[0]["step"] == 8  # steps 1-6 came from the checkpoint
+    assert load_checkpoint(checkpoint_path(continued))["step"] == 8
