@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 import bkn.nn
 from bkn.data import build_datasets, build_loader, measure_loader_throughput
 from bkn.functional import num_groups
-from bkn.models import PAPER_IMAGE_SIZE, build_model, list_models
+from bkn.models import PAPER_INPUT, build_model, list_models
 from bkn.nn import NormSpec
 
 # name -> the normalizer, given the setting's statistics_batch_size. "bn" is the baseline.
@@ -68,14 +68,13 @@ VARIANTS: dict[str, Callable[[int], NormSpec]] = {
 }
 BASELINE = "bn"
 BKN_VARIANTS = ("bkn_linear", "bkn_monte_carlo", "bkn_analytic")
-NUM_CLASSES = {"cifar10": 10, "imagenet": 1000}
 # data set -> (what the loader reads, image size and batch when no measured model sets them)
 LOADER_DATA = {"cifar10": ("CIFAR-10 pickles", 32, 128), "imagenet": ("ImageNet JPEG folders", 224, 32)}
 
 
 def data_set_of(model: str) -> str:
     """The paper's data for a model: CIFAR-10 for the 32x32 networks, ImageNet for the others."""
-    return "cifar10" if PAPER_IMAGE_SIZE[model] == 32 else "imagenet"
+    return "cifar10" if PAPER_INPUT[model].image_size == 32 else "imagenet"
 
 
 # --- what is measured -------------------------------------------------------------------------
@@ -133,9 +132,10 @@ def targets_for(device_type: str) -> list[Target]:
 
 
 PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
-    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU; about 8 minutes in all.
+    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU. A step takes 10-15 s there, so
+    # 5 steps per variant (warm-up, memory, 3 timed) keep the run under 10 minutes on an idle machine.
     "cpu": ((Setting("cifar_net", 32, 10, 128, 2, tuple(VARIANTS)),),
-            Options("cpu", warmup=1, steps=2, repeats=5, loaders=("cifar10", "imagenet"))),
+            Options("cpu", warmup=1, steps=1, repeats=3, loaders=("cifar10", "imagenet"))),
     # InceptionV2 at (256, 32), 32 per device (8 GPUs), and with statistics groups of 4.
     "gpu": ((Setting("inception_v2", 224, 1000, 32, 32, ("torch_bn", "bn", "bn_groups", *BKN_VARIANTS)),
              Setting("inception_v2", 224, 1000, 32, 4, ("bn", "bn_groups", "brn", *BKN_VARIANTS))),
@@ -432,7 +432,7 @@ def markdown_table(header: list[str], body: list[list[Any]]) -> list[str]:
 
 
 def write_report(output: Path, settings: list[Setting], candidates: list[Candidate], loaders: list[LoaderResult],
-                 options: Options, command: str) -> None:
+                 options: Options, command: str, load: tuple[float, float, float]) -> None:
     device = torch.device(options.device)
     machine = machine_description(device)
     records = rows(candidates)
@@ -454,7 +454,8 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
     lines = [
         f"# Training-step benchmark: {options.device}", "",
         f"Reproduce: `{command}` (written {datetime.date.today().isoformat()}).", "",
-        f"- Machine: {machine['cpu']}; GPU: {machine['gpu']}.",
+        f"- Machine: {machine['cpu']}; GPU: {machine['gpu']}; load average (1 min) {load[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (above the core count, other processes shared the CPU).",
         f"- Versions: python {machine['python']}, torch {machine['torch']}, bkn {machine['bkn']}.",
         f"- Mode: {'torch.compile' if options.compile else 'eager'}, {'bf16 autocast' if options.amp else 'fp32'}, "
         f"{'channels_last' if options.channels_last else 'contiguous'}; random data; SGD with momentum.",
@@ -525,8 +526,7 @@ def resolve(args: argparse.Namespace) -> tuple[list[Setting], Options]:
     if args.preset is not None:
         settings, options = PRESETS[args.preset]
     else:
-        image_size, num_classes = PAPER_IMAGE_SIZE[args.model], NUM_CLASSES[data_set_of(args.model)]
-        settings = (Setting(args.model, image_size, num_classes, 32, 2, tuple(VARIANTS)),)
+        settings = (Setting(args.model, *PAPER_INPUT[args.model], batch=32, statistics=2, variants=tuple(VARIANTS)),)
         options = Options("cpu", warmup=2, steps=3, repeats=5)
     overrides = {"model": args.model, "batch": args.batch, "statistics": args.statistics,
                  "image_size": args.image_size}
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         settings, options = resolve(args)
     except ValueError as error:
         sys.exit(f"benchmark: {error}")
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()
     candidates = []
     for setting in settings:
         for variant in setting.variants:
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     loaders = measure_loaders(settings, candidates, options)
     output = args.output or Path("results/benchmark") / options.device
     command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
-    write_report(output, settings, candidates, loaders, options, command)
+    write_report(output, settings, candidates, loaders, options, command, load)
     print(f"wrote {output}.md and .csv in {time.perf_counter() - started:.0f} s")
 
 
