@@ -31,3 +31,8 @@ test-slow: setup  ## only the tests marked slow
 
 test-all: setup  ## every test
 	$(PY) -m pytest -q -m 'slow or not slow'
+
+BENCHMARK_PRESET ?= cpu
+.PHONY: benchmark
+benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/benchmark/ (BENCHMARK_PRESET=cpu|gpu, ARGS=...)
+	$(PY) scripts/benchmark.py --preset $(BENCHMARK_PRESET) $(ARGS)
