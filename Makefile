@@ -36,3 +36,59 @@ BENCHMARK_PRESET ?= cpu
 .PHONY: benchmark
 benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/benchmark/ (BENCHMARK_PRESET=cpu|gpu, ARGS=...)
 	$(PY) scripts/benchmark.py --preset $(BENCHMARK_PRESET) $(ARGS)
+
+# --- The paper's tables and figures -> results/$(SCALE)/ (docs/results.md) -------------------------
+# `make fig3 SCALE=smoke` trains what is missing (resume=auto: a finished run exits at once, a stopped
+# one continues from its checkpoint), then writes the table and figure with the paper's numbers beside ours.
+RUNS_DIR ?= runs/$(SCALE)
+# Checked when a target runs (not when the Makefile is read), so other targets never trip on them.
+check_settings = $(if $(filter paper smoke,$(SCALE)),,$(error SCALE=$(SCALE): use SCALE=paper or SCALE=smoke))$(if \
+	$(filter local slurm,$(LAUNCHER)),,$(error LAUNCHER=$(LAUNCHER): use LAUNCHER=local or LAUNCHER=slurm))
+# Smoke runs are tiny: one thread each is faster than two fighting over a busy 2-core CPU.
+TRAIN = $(check_settings)$(if $(filter smoke,$(SCALE)),OMP_NUM_THREADS=1 )$(PY) train.py -m scale=$(SCALE) \
+	out_dir=$(RUNS_DIR) resume=auto $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm)
+AGGREGATE = $(PY) scripts/aggregate.py --scale $(SCALE) --runs-dir $(RUNS_DIR)
+
+# Figures 3, 5, 6 and 7 compare against the (256, 32) baseline, which is Table 1's BN runs.
+define micro_batch_figure
+	$(TRAIN) experiment=table1 normalizer=bn $(ARGS)
+	$(TRAIN) experiment=$@ $(ARGS)
+	$(AGGREGATE) $@
+endef
+
+.PHONY: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8 paper study
+
+table1: setup  ## Table 1 -> results/<scale>/ (SCALE=paper|smoke LAUNCHER=local|slurm ARGS=overrides)
+	$(TRAIN) experiment=table1 $(ARGS)
+	$(AGGREGATE) table1
+
+table2: setup  ## Table 2: training speed, BKN / BN
+	$(TRAIN) experiment=table2 $(ARGS)
+	$(AGGREGATE) table2
+
+table3: setup  ## Table 3: CIFAR net, micro-batch BN / BKN against the batch-128 baseline
+	$(TRAIN) experiment=table3 $(ARGS)
+	$(TRAIN) experiment=table3_baseline $(ARGS)
+	$(AGGREGATE) table3
+
+fig3: setup  ## Figure 3: (256, 4) against (256, 32)
+	$(micro_batch_figure)
+
+fig4: setup  ## Figure 4: (256, 1), inference with batch vs population statistics
+	$(TRAIN) experiment=fig4 $(ARGS)
+	$(AGGREGATE) fig4
+
+fig5: setup  ## Figure 5: (64, 8) against (256, 32)
+	$(micro_batch_figure)
+
+fig6: setup  ## Figure 6: (16, 4) against (256, 32)
+	$(micro_batch_figure)
+
+fig7: setup  ## Figure 7: (8, 2) against (256, 32)
+	$(micro_batch_figure)
+
+fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
+	$(TRAIN) experiment=fig8 $(ARGS)
+	$(PY) scripts/fig8_statistics.py --scale $(SCALE) --runs-dir $(RUNS_DIR)
+
+paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~15 min on 2 CPU cores)
