@@ -77,17 +77,19 @@ def test_a_skipped_step_changes_nothing_and_a_good_step_is_sgd() -> None:
     reference.load_state_dict(model.state_dict())
     settings = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, "decay_norm_and_bias": False}
     session = SimpleNamespace(optimizer=build_optimizer(model, settings), collective=Collective(SimpleNamespace(size=1)),
-                              scaler=torch.amp.GradScaler("cpu", enabled=False))
+                              scaler=torch.amp.GradScaler("cpu", enabled=False), raw_model=model)
     torch_sgd = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim > 1], "weight_decay": 1e-3},
                                  {"params": [p for p in reference.parameters() if p.ndim <= 1], "weight_decay": 0}],
                                 lr=0.1, momentum=0.9, nesterov=True)
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
+    buffers = [buffer.clone() for buffer in model.buffers()]
     loss = torch.nn.functional.cross_entropy(model(images * float("nan")), labels)
     loss.backward()
-    assert optimizer_step(session, loss.detach()).item() == 1.0  # skipped
+    assert optimizer_step(session, loss.detach(), buffers).item() == 1.0  # skipped
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert all(torch.equal(old, new) for old, new in zip(buffers, model.buffers()))  # running statistics too
     momentum = [session.optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     assert all(not buffer.any() for buffer in momentum)
     for _ in range(2):  # then two good steps equal torch's own SGD (its first momentum step included)
@@ -95,7 +97,7 @@ def test_a_skipped_step_changes_nothing_and_a_good_step_is_sgd() -> None:
             loss = torch.nn.functional.cross_entropy(net(images), labels)
             loss.backward()
             if optimizer is None:
-                assert optimizer_step(session, loss.detach()).item() == 0.0
+                assert optimizer_step(session, loss.detach(), list(model.buffers())).item() == 0.0
             else:
                 optimizer.step()
                 optimizer.zero_grad()

@@ -116,7 +116,7 @@ if fault:
     step, _, rank = where.partition(":")
     original_step = loop.optimizer_step
 
-    def faulty_step(session, loss):
+    def faulty_step(session, loss, buffers_before):
         if session.step == int(step) and session.plan.world.rank == int(rank or 0):
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -124,7 +124,7 @@ if fault:
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
                 raise RuntimeError(f"injected failure at step {{step}} on rank {{session.plan.world.rank}}")
-        return original_step(session, loss)
+        return original_step(session, loss, buffers_before)
 
     loop.optimizer_step = faulty_step
 sys.argv[0] = {str(ROOT / "train.py")!r}

@@ -98,9 +98,10 @@ def forward_backward(session: Session, device_batches: list[Batch]) -> Tensor:
     return total
 
 
-def optimizer_step(session: Session, loss: Tensor) -> Tensor:
+def optimizer_step(session: Session, loss: Tensor, buffers_before: list[Tensor]) -> Tensor:
     """Apply the accumulated gradients unless the loss or a gradient is non-finite on any rank;
-    returns that flag (1.0: skipped) without reading it."""
+    returns that flag (1.0: skipped) without reading it. A skipped step also puts back the
+    buffers (running statistics) as they were before its forward passes."""
     optimizer = session.optimizer
     session.scaler.unscale_(optimizer)  # fp16 only; gradients overflowed by the scale become inf
     gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -110,6 +111,9 @@ def optimizer_step(session: Session, loss: Tensor) -> Tensor:
     optimizer.step()
     session.scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    skipped = found_inf.bool()
+    for buffer, before in zip(session.raw_model.buffers(), buffers_before):
+        buffer.copy_(torch.where(skipped, before, buffer))
     return found_inf
 
 
@@ -156,8 +160,9 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
         set_step(session.raw_model, session.step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(session.step, plan.steps, cfg.optim.lr, cfg.schedule)
+        buffers_before = [buffer.clone() for buffer in session.raw_model.buffers()]
         loss = forward_backward(session, session.batches.next_step())
-        counter.update(optimizer_step(session, loss), loss)
+        counter.update(optimizer_step(session, loss, buffers_before), loss)
         session.step += 1
         steps_since_log += 1
         logger.step(session.step)

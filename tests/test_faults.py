@@ -1,0 +1,190 @@
+"""Every fault of issue 7 at the train.py level, in one place: bad settings, SIGTERM, a crash while
+writing a checkpoint, a failing DDP rank, non-finite steps, W&B failures, secrets, bad data, and
+BKN's variance safety in a real model. (A SIGKILLed run resuming exactly: test_resume.py.)"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bkn.engine.batches import StepBatches
+from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
+from bkn.engine.records import read_metrics, read_summary
+from bkn.models import build_model
+from data_writers import write_cifar10, write_image_folders
+from training_helpers import (ROOT, TINY, TINY_RUN, register_tiny_net, run_fault_runner, run_train_main,
+                              subprocess_env, train_in_process)
+
+SECRET = "sk-test-secret-123"
+
+
+def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "train.py"), "batch.statistics=3", f"out_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: batch.statistics=3 does not divide the device batch batch.per_device=16: each device batch is cut "
+        "into statistics groups; choose one of [1, 2, 4, 8, 16]"]
+    assert not list(tmp_path.rglob("summary.json"))  # nothing ran
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = [*TINY, "train.steps=10", "checkpoint.every=null", f"out_dir={tmp_path}"]
+    result = run_fault_runner(tmp_path, run, fault="term@4")  # SIGTERM arrives during step 5
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0"
+    log = result.stdout + result.stderr
+    assert f"preempted by SIGTERM at step 5; checkpoint saved to {checkpoint_path(run_dir)}" in log
+    assert read_summary(run_dir)["status"] == "preempted"
+    assert load_checkpoint(checkpoint_path(run_dir))["step"] == 5
+    register_tiny_net(monkeypatch)
+    train_in_process(tmp_path, run)  # the same command again continues to the end
+    assert read_summary(run_dir)["status"] == "finished"
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    run_dir = train_in_process(tmp_path, TINY)
+    good = load_checkpoint(checkpoint_path(run_dir))
+
+    def dying_save(state: Any, file: Any) -> None:
+        file.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):  # an unexpected error: it keeps its traceback
+        train_in_process(tmp_path, [*TINY, "resume=null"])
+    assert read_summary(run_dir)["status"] == "failed"
+    survivor = load_checkpoint(checkpoint_path(run_dir))
+    assert survivor["step"] == good["step"] == 6
+    assert all(torch.equal(survivor["model"][key], value) for key, value in good["model"].items())
+    assert [path.name for path in checkpoint_path(run_dir).parent.iterdir()] == ["last.pt"]  # no debris
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path: Path) -> None:
+    # Without timeouts rank 0 would wait forever for rank 1's gradients; torchrun must end both
+    # and show rank 1's traceback (the subprocess timeout fails the test if anything hangs).
+    args = [*TINY, "batch.per_device=4", "train.steps=6", "distributed.timeout_s=300", f"out_dir={tmp_path}"]
+    result = run_fault_runner(tmp_path, args, fault="raise@2:1", torchrun_processes=2, timeout=240)
+    assert result.returncode != 0
+    assert "RuntimeError: injected failure at step 2 on rank 1" in result.stderr
+    assert "rank      : 1" in result.stderr  # torchrun's report names the failing rank
+
+
+def _poison_steps(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int]) -> None:
+    """Make the images of the given optimizer steps NaN: a non-finite loss and gradient."""
+    original = StepBatches.next_step
+    calls = iter(range(10**6))
+
+    def next_step(self: StepBatches) -> list:
+        batches = original(self)
+        if next(calls) in bad_steps:
+            return [(images * math.nan, labels) for images, labels in batches]
+        return batches
+
+    monkeypatch.setattr(StepBatches, "next_step", next_step)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    _poison_steps(monkeypatch, {2, 3})
+    run_dir = train_in_process(tmp_path, [*TINY, "train.max_bad_steps=3"])
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished" and summary["skipped_steps"] == 2
+    assert [line["skipped_steps"] for line in read_metrics(run_dir) if line["kind"] == "train"] == [0, 2, 2]
+    # The skipped steps left no trace: parameters and running statistics are finite, so is evaluation.
+    state = load_checkpoint(checkpoint_path(run_dir))["model"]
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+    assert math.isfinite(summary["final"]["population"]["loss"])
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    register_tiny_net(monkeypatch)
+    _poison_steps(monkeypatch, set(range(2, 100)))
+    overrides = [*TINY, "train.steps=10", "train.max_bad_steps=3", "train.log_every=1", "checkpoint.every=2",
+                 f"out_dir={tmp_path}"]
+    assert run_train_main(monkeypatch, overrides) == 1
+    run_dir = tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: stopped at step 5: 3 optimizer steps in a row had a non-finite loss or gradient and were skipped "
+        f"(train.max_bad_steps=3); the last good checkpoint is {checkpoint_path(run_dir)} (step 4). "
+        "Lower optim.lr, use amp=bf16 instead of fp16, or check the data"]
+    assert read_summary(run_dir)["status"] == "failed"
+
+
+def test_a_failing_wandb_never_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    import wandb
+
+    def unreachable(**settings: Any) -> None:
+        raise wandb.errors.CommError("Network error: could not reach api.wandb.ai")
+
+    register_tiny_net(monkeypatch)
+    monkeypatch.setattr(wandb, "init", unreachable)
+    with caplog.at_level(logging.WARNING, logger="bkn"):
+        run_dir = train_in_process(tmp_path, [*TINY, "logger=wandb", "logger.wandb.mode=online"])
+    assert read_summary(run_dir)["status"] == "finished"
+    assert ("W&B init failed (CommError: Network error: could not reach api.wandb.ai); W&B logging is off for this "
+            "run, training continues with the local run record") in caplog.text
+
+
+def test_no_secret_reaches_the_record_or_the_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    register_tiny_net(monkeypatch)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("BKN_TEST_TOKEN", SECRET)
+    overrides = [*TINY, "logger=wandb", "+logger.wandb.api_key=${oc.env:WANDB_API_KEY}", f"out_dir={tmp_path}"]
+    assert run_train_main(monkeypatch, overrides) == 0
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any("wandb" in path.parts for path in files)  # W&B's offline run is inside the record
+    leaks = [path for path in files if SECRET.encode() in path.read_bytes()]
+    assert leaks == []
+    output = capfd.readouterr()
+    assert SECRET not in output.out + output.err
+
+
+def test_bad_data_stops_with_one_line_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    register_tiny_net(monkeypatch)
+    tiny_data = [*TINY_RUN, "data.image_size=8", "data.num_workers=0", "batch.gradient=2", f"out_dir={tmp_path}"]
+
+    write_cifar10(tmp_path / "cifar")
+    truncated = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_2"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    assert run_train_main(monkeypatch, [*tiny_data, "data=cifar10", f"data.root={tmp_path / 'cifar'}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: corrupt CIFAR file {truncated}")
+
+    written = write_image_folders(tmp_path / "imagenet")
+    corrupt = written["train"][3][0]
+    corrupt.write_bytes(corrupt.read_bytes()[:300])  # found when read, during training
+    imagenet = [*tiny_data, "data=imagenet", f"data.root={tmp_path / 'imagenet'}", "train.steps=3"]
+    assert run_train_main(monkeypatch, imagenet) == 2
+    assert f"cannot read image {corrupt}" in capsys.readouterr().err
+
+    (tmp_path / "imagenet" / "train" / "n09999999").mkdir()  # found at construction
+    assert run_train_main(monkeypatch, imagenet) == 2
+    error = capsys.readouterr().err
+    assert "empty class folder" in error and "n09999999" in error and len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("transition", ["analytic", "monte_carlo", "linear"])
+def test_bkn_stays_finite_on_degenerate_activations(transition: str) -> None:
+    # Statistics groups of one example, constant input channels, and activations of 1e6.
+    torch.manual_seed(0)
+    model = build_model("cifar_net", 10, {"name": "bkn", "statistics_batch_size": 1, "transition": transition}, 8)
+    constant = torch.ones(2, 3, 8, 8) * torch.tensor([0.0, 5.0, -3.0])[:, None, None]
+    for images in (constant, torch.randn(2, 3, 8, 8) * 1e6):
+        model.zero_grad()
+        logits = model(images)
+        logits.square().mean().backward()
+        assert torch.isfinite(logits).all()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
