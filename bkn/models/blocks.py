@@ -109,4 +109,4 @@ def check_image_size(model_name: str, image_size: int, total_stride: int) -> Non
     """Refuse inputs smaller than the model's downsampling: its last feature map would be padding."""
     if image_size < total_stride:
         raise ValueError(f"{model_name} downsamples by {total_stride}, so image_size={image_size} is too small; "
-                         f"use image_size >= {total_stride} (data.image_size=...)")
+                         f"use image_size >= {total_stride} (model.image_size or data.image_size)")

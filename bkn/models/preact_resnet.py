@@ -43,9 +43,10 @@ class PreActBlock(nn.Module):
         out = self.conv2(out)
         if self.conv2_transition is not None:
             branch_state = self.conv2_transition.predict(branch_state, self.conv2)
-        shortcut = x if self.shortcut_pool is None else self.shortcut_pool(x)
-        half = self.extra_channels // 2
-        shortcut = F.pad(shortcut, (0, 0, 0, 0, half, self.extra_channels - half))
+        shortcut = x
+        if self.shortcut_pool is not None:
+            half = self.extra_channels // 2
+            shortcut = F.pad(self.shortcut_pool(x), (0, 0, 0, 0, half, self.extra_channels - half))
         return out + shortcut, add_states(state, branch_state)  # add_states pads the state alike
 
 

@@ -1,0 +1,205 @@
+"""The paper's networks: every model x normalizer trains a step, BKN threads its state through
+every branch and sum, BKN at gain 1 is the BN model, the ResNets are torchvision's (names,
+parameter counts, outputs), eval-mode statistics options, MAC counts and the error messages."""
+
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import bkn.nn as N
+from bkn.models import MODELS, build_model, list_models
+from bkn.models.__main__ import main as summary_main
+from bkn.models.summary import count_macs, count_parameters
+
+CIFAR_MODELS = ("cifar_net", "preact_resnet32", "preact_resnet110")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+NORMS = {
+    "bn": {"name": "bn", "statistics_batch_size": 2},
+    "brn": {"name": "brn", "statistics_batch_size": 2, "warmup_steps": 0, "relax_steps": 1},
+    "bkn-analytic": {"name": "bkn", "statistics_batch_size": 2, "transition": "analytic"},
+    "bkn-monte_carlo": {"name": "bkn", "statistics_batch_size": 2, "transition": "monte_carlo"},
+    "bkn-linear": {"name": "bkn", "statistics_batch_size": 2, "transition": "linear"},
+}
+# Enough for the default suite: each normalizer, each BKN transition, each kind of model.
+FAST = {("cifar_net", norm) for norm in NORMS} | {("preact_resnet32", norm) for norm in NORMS} | {
+    ("resnet18", "bn"), ("resnet18", "brn"), ("resnet18", "bkn-linear"), ("resnet50", "bkn-analytic"),
+    ("inception_v2", "bkn-analytic")}
+
+
+def small_size(name: str) -> int:
+    """The smallest input each model takes: 8x8 (digits) for the CIFAR models, 32x32 otherwise."""
+    return 8 if name in CIFAR_MODELS else 32
+
+
+def images(batch: int, name: str, seed: int = 0) -> torch.Tensor:
+    size = small_size(name)
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+MATRIX = [pytest.param(name, norm, id=f"{name}-{norm}", marks=() if (name, norm) in FAST else pytest.mark.slow)
+          for name in list_models() for norm in NORMS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: a second thread costs more in synchronization than it saves, and
+    far more when other processes share the cores (spinning OpenMP workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name, norm", MATRIX)
+def test_forward_backward_and_state_reaches_every_norm(name, norm):
+    torch.manual_seed(0)
+    model = build_model(name, 7, NORMS[norm], small_size(name))
+    N.set_step(model, 10)  # BRN past its warm-up: r and d are active
+    priors = []  # whether each BKN layer got a prior: all but the network's first must
+    for layer in model.modules():
+        if isinstance(layer, N.KalmanNorm2d):
+            layer.register_forward_pre_hook(lambda module, args: priors.append(args[1] is not None))
+    logits = model(images(4, name))
+    logits.logsumexp(1).sum().backward()
+    assert logits.shape == (4, 7) and torch.isfinite(logits).all()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []  # also BKN's A, if any
+    if norm.startswith("bkn"):
+        assert priors.count(False) == 1 and priors[0] is False
+
+
+def randomize_norms(model: nn.Module) -> None:
+    """Affine parameters and running statistics away from 1 and 0, so that mistakes show."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (nn.BatchNorm2d, N.BatchNorm2d, N.KalmanNorm2d)) and layer.affine:
+                layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
+                layer.running_mean.uniform_(-0.5, 0.5), layer.running_var.uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("name", ["cifar_net", "resnet18", "preact_resnet32"])
+@pytest.mark.parametrize("transition", ["analytic", "monte_carlo", "linear"])
+def test_bkn_with_gain_one_is_the_bn_model(name, transition):
+    torch.manual_seed(0)
+    bn = build_model(name, 5, NORMS["bn"], small_size(name))
+    randomize_norms(bn)
+    bkn = build_model(name, 5, {**NORMS[f"bkn-{transition}"], "gain": 1.0}, small_size(name))
+    result = bkn.load_state_dict(bn.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert {key.rsplit(".", 1)[1] for key in result.missing_keys} <= {"transition_matrix", "noise_raw"}
+    x = images(6, name)
+    outputs = [model(x) for model in (bn, bkn)]
+    for output in outputs:
+        (output ** 2).sum().backward()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    bkn_parameters = dict(bkn.named_parameters())
+    for key, parameter in bn.named_parameters():
+        torch.testing.assert_close(bkn_parameters[key].grad, parameter.grad, rtol=1e-4, atol=1e-5, msg=key)
+    bkn_buffers = dict(bkn.named_buffers())
+    for key, buffer in bn.named_buffers():  # running statistics updated alike
+        torch.testing.assert_close(bkn_buffers[key], buffer, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_bn_resnets_have_torchvision_names_shapes_and_parameter_counts(name):
+    with torch.device("meta"):
+        ours = build_model(name, 1000, {"name": "bn"}, 224)
+        theirs = getattr(torchvision.models, name)()
+    assert count_parameters(ours) == count_parameters(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_torchvision_state_dict_loads_strictly_and_gives_torchvisions_outputs(name):
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)(num_classes=10)
+    randomize_norms(theirs)
+    ours = build_model(name, 10, {"name": "bn"}, 64)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_zero_init_residual_zeroes_the_same_norm_weights_as_torchvision():
+    def zeroed(model: nn.Module) -> set[str]:
+        return {key for key, value in model.state_dict().items() if key.endswith("weight") and not value.any()}
+
+    ours = zeroed(build_model("resnet50", 10, {"name": "bn"}, 224, zero_init_residual=True))
+    assert ours == zeroed(torchvision.models.resnet50(num_classes=10, zero_init_residual=True))
+    assert len(ours) == 16 and zeroed(build_model("resnet50", 10, {"name": "bn"}, 224)) == set()
+
+
+@pytest.mark.parametrize("name", ["cifar_net", "preact_resnet32", "resnet18"])
+def test_population_statistics_make_examples_independent_and_batch_statistics_do_not(name):
+    torch.manual_seed(0)
+    model = build_model(name, 5, NORMS["bkn-analytic"], small_size(name))
+    with torch.no_grad():
+        for seed in range(3):  # a few training steps' worth of running statistics
+            model(images(4, name, seed))
+    model.eval()
+    x = images(4, name, seed=10)
+    others = x.clone()
+    others[1:] = images(3, name, seed=11)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], model(others)[0])  # option B
+        N.set_inference(model, "batch")
+        assert not torch.allclose(model(x)[0], model(others)[0], atol=1e-4)  # option A
+
+
+@pytest.mark.parametrize("name", ["cifar_net", "inception_v2", "resnet50", "preact_resnet32"])
+def test_mac_count_equals_torch_flop_counter(name):
+    size = 64
+    with torch.device("meta"):
+        model = build_model(name, 10, {"name": "bn"}, size)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    assert count_macs(model, size) * 2 == counter.get_total_flops()
+
+
+def test_summary_command_prints_parameters_and_macs_of_each_normalizer(capsys):
+    summary_main(["preact_resnet32", "--norm", "bkn", "--image-size", "8", "--num-classes", "7"])
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["bkn (analytic)", "bkn (monte_carlo)", "bkn (linear)"]
+    for line, transition in zip(lines, ["analytic", "monte_carlo", "linear"]):
+        model = build_model("preact_resnet32", 7, {"name": "bkn", "transition": transition}, 8)
+        assert f"| {count_parameters(model):,} (" in line
+        assert f"| {count_macs(model, 8) / 1e9:.3f} G |" in line
+
+
+def test_bad_names_sizes_and_options_get_one_clear_line():
+    message = f"unknown model 'resnet'; choose one of {list_models()} (model=...)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model("resnet", 10, NORMS["bn"], 224)
+    with pytest.raises(ValueError, match=r"inception_v2 downsamples by 32, so image_size=16 is too small; "
+                                         r"use image_size >= 32"):
+        build_model("inception_v2", 10, NORMS["bn"], 16)
+    with pytest.raises(ValueError, match=r"image_size=1 is too small; use image_size >= 2"):
+        build_model("cifar_net", 10, NORMS["bn"], 1)
+    with pytest.raises(ValueError, match=r"model 'cifar_net' has no option 'zero_init_residual'"):
+        build_model("cifar_net", 10, NORMS["bn"], 32, zero_init_residual=True)
+    assert set(list_models()) == set(MODELS)
+
+
+@pytest.mark.slow
+def test_compiled_cifar_net_with_bkn_matches_eager():
+    torch.manual_seed(0)
+    model = build_model("cifar_net", 5, NORMS["bkn-analytic"], 8)
+    x = images(4, "cifar_net")
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for layer in model.modules():  # the same running statistics before both runs
+        if isinstance(layer, N.KalmanNorm2d):
+            layer.reset_running_stats()
+    compiled = torch.compile(model, fullgraph=True)(x)  # fullgraph: no graph break in the state threading
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for grad, parameter in zip(eager_grads, model.parameters()):
+        torch.testing.assert_close(parameter.grad, grad, rtol=1e-3, atol=1e-4)
