@@ -25,7 +25,6 @@ MODELS: dict[str, Builder] = {
 }
 
 
-
 class PaperInput(NamedTuple):
     image_size: int
     num_classes: int
