@@ -14,30 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from bkn.nn import ConvNormAct, KalmanNorm2d, NormSpec, State, build_norm, concat_states
-
-
-def apply_norm(norm: nn.Module, y: Tensor, state: State, conv: nn.Conv2d | None) -> tuple[Tensor, State]:
-    """Normalize ``y``, the output of ``conv`` (None: ``state`` already describes ``y``).
-
-    A BKN layer first predicts its prior from ``state`` through ``conv``; BN and BRN drop the state.
-    This is :class:`~bkn.nn.ConvNormAct`'s rule, for blocks whose conv and norm must live under
-    other names (torchvision's ``conv1`` / ``bn1``) or whose norm comes before the conv.
-    """
-    if norm.carries_state:
-        return norm(y, norm.predict(state, conv))
-    return norm(y), None
-
-
-class StemConvNormAct(ConvNormAct):
-    """A network's first ConvNormAct. Its norm has no predecessor (it is BN on its groups), so it
-    is built without ``in_features``: BKN's linear transition then has no ``A`` that would never
-    receive a gradient (DDP refuses parameters without gradients)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: NormSpec,
-                 stride: int = 1) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, norm, stride)
-        self.norm = build_norm(num_features=out_channels, **norm)
+from bkn.nn import ConvNormAct, KalmanNorm2d, NormSpec, State, apply_norm, build_norm, concat_states
 
 
 class NormAct(nn.Module):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bkn.models.blocks import Branch, Inception, StemConvNormAct, check_image_size, init_weights
+from bkn.models.blocks import Branch, Inception, check_image_size, init_weights
 from bkn.nn import ConvNormAct, NormSpec, State
 
 TOTAL_STRIDE = 2  # the one max pool
@@ -37,7 +37,7 @@ def googlenet_module(in_channels: int, conv1x1: int, reduce3x3: int, conv3x3: in
 class CifarNet(nn.Module):
     def __init__(self, num_classes: int, norm: NormSpec, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = StemConvNormAct(in_channels, 32, 3, norm)
+        self.stem = ConvNormAct(in_channels, 32, 3, norm, first=True)
         self.inception1 = googlenet_module(32, 64, 96, 128, 16, 32, 32, norm)  # -> 256
         self.inception2 = googlenet_module(256, 128, 128, 192, 32, 96, 64, norm)  # -> 480
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 from torch import Tensor, nn
 
-from bkn.models.blocks import Branch, Inception, StemConvNormAct, check_image_size, init_weights
+from bkn.models.blocks import Branch, Inception, check_image_size, init_weights
 from bkn.nn import ConvNormAct, NormSpec, State
 
 TOTAL_STRIDE = 32
@@ -68,7 +68,7 @@ def bn_inception_module(in_channels: int, spec: ModuleSpec, norm: NormSpec) -> t
 class InceptionV2(nn.Module):
     def __init__(self, num_classes: int, norm: NormSpec, in_channels: int = 3) -> None:
         super().__init__()
-        self.conv1 = StemConvNormAct(in_channels, 64, 7, norm, stride=2)
+        self.conv1 = ConvNormAct(in_channels, 64, 7, norm, stride=2, first=True)
         self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
         self.conv2_reduce = ConvNormAct(64, 64, 1, norm)
         self.conv2 = ConvNormAct(64, 192, 3, norm)

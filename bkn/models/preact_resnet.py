@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn.models.blocks import NormAct, StemConvNormAct, build_transition, check_image_size, init_weights
+from bkn.models.blocks import NormAct, build_transition, check_image_size, init_weights
 from bkn.nn import ConvNormAct, NormSpec, State, add_states
 
 TOTAL_STRIDE = 4
@@ -56,7 +56,7 @@ class PreActResNet(nn.Module):
         if (depth - 2) % 6 != 0:
             raise ValueError(f"a pre-activation ResNet has depth 6n + 2, got depth={depth}")
         blocks_per_stage = (depth - 2) // 6
-        self.stem = StemConvNormAct(in_channels, 16, 3, norm)
+        self.stem = ConvNormAct(in_channels, 16, 3, norm, first=True)
         blocks, channels = [], 16
         for stage, width in enumerate((16, 32, 64)):
             for index in range(blocks_per_stage):

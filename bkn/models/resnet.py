@@ -16,8 +16,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from bkn.models.blocks import apply_norm, check_image_size, init_weights
-from bkn.nn import NormSpec, State, add_states, build_norm
+from bkn.models.blocks import check_image_size, init_weights
+from bkn.nn import NormSpec, State, add_states, apply_norm, build_norm
 
 TOTAL_STRIDE = 32
 

@@ -17,20 +17,33 @@ from bkn.nn.state import State
 NormSpec = Mapping[str, Any]  # {"name": "bkn", "statistics_batch_size": 2, ...}: build_norm's arguments
 
 
+def apply_norm(norm: nn.Module, y: Tensor, state: State, conv: nn.Conv2d | None) -> tuple[Tensor, State]:
+    """Normalize ``y``, the output of ``conv`` (None: ``state`` already describes ``y``).
+
+    A BKN layer first predicts its prior from ``state`` through ``conv``; other norms (ours or
+    torch's) drop the state. Blocks whose conv and norm live under other names (torchvision's
+    ``conv1`` / ``bn1``) or whose norm comes before the conv use this rule directly.
+    """
+    if getattr(norm, "carries_state", False):
+        return norm(y, norm.predict(state, conv))
+    return norm(y), None
+
+
 class ConvNormAct(nn.Module):
+    """``first=True`` marks a network's first normalization layer: it never receives a state (it is
+    BN on its groups), so its norm is built without ``in_features`` and BKN's linear transition
+    creates no ``A`` that would never get a gradient (DDP refuses such parameters)."""
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], norm: NormSpec,
-                 stride: int = 1, padding: int | tuple[int, int] | None = None, act: bool = True) -> None:
+                 stride: int = 1, padding: int | tuple[int, int] | None = None, act: bool = True,
+                 first: bool = False) -> None:
         super().__init__()
         if padding is None:
             padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, tuple) else kernel_size // 2
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        self.norm = build_norm(num_features=out_channels, in_features=in_channels, **norm)
+        self.norm = build_norm(num_features=out_channels, in_features=None if first else in_channels, **norm)
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
-        y = self.conv(x)
-        if getattr(self.norm, "carries_state", False):  # any other norm module (torch's too) works
-            y, state = self.norm(y, self.norm.predict(state, self.conv))
-        else:
-            y, state = self.norm(y), None
+        y, state = apply_norm(self.norm, self.conv(x), state, self.conv)
         return self.act(y), state
