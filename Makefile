@@ -92,3 +92,11 @@ fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 	$(PY) scripts/fig8_statistics.py --scale $(SCALE) --runs-dir $(RUNS_DIR)
 
 paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~15 min on 2 CPU cores)
+	$(PY) scripts/aggregate.py study --scale study --runs-dir runs/study --out-dir results/study
+
+# --- make demo: BN vs BKN at a micro-batch setting on the bundled digits, on a CPU (docs/training.md) ---
+DEMO = experiment_name=demo data=digits model=cifar_net batch.gradient=16 batch.statistics=2 train.epochs=4 \
+	optim.lr=0.05 schedule=cosine schedule.warmup_steps=50
+demo: setup  ## BN vs BKN on the digits at (gradient 16, statistics 2) on a CPU, side by side (~3 min on 2 cores)
+	OMP_NUM_THREADS=1 $(PY) train.py -m normalizer=bn,bkn $(DEMO) resume=auto
+	$(PY) scripts/compare_runs.py runs/demo/cifar_net_bn_g16_s2_seed0 runs/demo/cifar_net_bkn-analytic_g16_s2_seed0
