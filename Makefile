@@ -41,13 +41,14 @@ benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/ben
 # `make fig3 SCALE=smoke` trains what is missing (resume=auto: a finished run exits at once, a stopped
 # one continues from its checkpoint), then writes the table and figure with the paper's numbers beside ours.
 RUNS_DIR ?= runs/$(SCALE)
+RESULTS_DIR ?= results/$(SCALE)
 # Checked when a target runs (not when the Makefile is read), so other targets never trip on them.
 check_settings = $(if $(filter paper smoke,$(SCALE)),,$(error SCALE=$(SCALE): use SCALE=paper or SCALE=smoke))$(if \
 	$(filter local slurm,$(LAUNCHER)),,$(error LAUNCHER=$(LAUNCHER): use LAUNCHER=local or LAUNCHER=slurm))
 # Smoke runs are tiny: one thread each is faster than two fighting over a busy 2-core CPU.
 TRAIN = $(check_settings)$(if $(filter smoke,$(SCALE)),OMP_NUM_THREADS=1 )$(PY) train.py -m scale=$(SCALE) \
 	out_dir=$(RUNS_DIR) resume=auto $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm)
-AGGREGATE = $(PY) scripts/aggregate.py --scale $(SCALE) --runs-dir $(RUNS_DIR)
+AGGREGATE = $(PY) scripts/aggregate.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --out-dir $(RESULTS_DIR)
 
 # Figures 3, 5, 6 and 7 compare against the (256, 32) baseline, which is Table 1's BN runs.
 define micro_batch_figure
@@ -89,9 +90,12 @@ fig7: setup  ## Figure 7: (8, 2) against (256, 32)
 
 fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 	$(TRAIN) experiment=fig8 $(ARGS)
-	$(PY) scripts/fig8_statistics.py --scale $(SCALE) --runs-dir $(RUNS_DIR)
+	$(PY) scripts/fig8_statistics.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --out-dir $(RESULTS_DIR)
 
 paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~15 min on 2 CPU cores)
+
+study: setup  ## the small CPU study (digits; BN, BRN, BKN x 3 transitions; 3 seeds) -> results/study/ (~30 min, 2 cores)
+	$(PY) scripts/study.py $(ARGS)
 	$(PY) scripts/aggregate.py study --scale study --runs-dir runs/study --out-dir results/study
 
 # --- make demo: BN vs BKN at a micro-batch setting on the bundled digits, on a CPU (docs/training.md) ---

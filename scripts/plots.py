@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLORS = {"bn": "tab:blue", "brn": "tab:orange", "bkn": "tab:green"}
 # BKN's transitions, for the study that compares them: shades of BKN's green.
@@ -81,10 +82,11 @@ def _draw(axis: plt.Axes, panel: Panel) -> None:
         axis.plot([], [], marker="*", markersize=11, color="white", markeredgecolor="black", linestyle="none",
                   label="paper's reported value (its own step count)")
     if panel.claims:
-        axis.text(0.98, 0.02, "paper:\n" + "\n".join(panel.claims), transform=axis.transAxes, ha="right",
-                  va="bottom", fontsize=8, bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})
+        axis.text(0.98, 0.98, "paper:\n" + "\n".join(panel.claims), transform=axis.transAxes, ha="right",
+                  va="top", fontsize=8, bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})
     axis.set_title(panel.title, fontsize=10)
     axis.set_xlabel("training step (optimizer updates)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)

@@ -18,6 +18,8 @@ import yaml
 
 # Classes of the data sets whose config may not spell them out (synthetic data does: data.num_classes).
 DATA_SET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "digits": 10}
+INFERENCES = ("population", "batch")
+EVAL_METRICS = ("top1", "top5", "loss")
 
 
 @dataclass
@@ -110,25 +112,42 @@ def load_local(runs_dir: Path, experiments: Iterable[str]) -> list[Run]:
     return runs
 
 
-def load_wandb(project_path: str, experiments: Iterable[str]) -> list[Run]:
-    """Every run of ``experiments`` in the W&B project ``entity/project``.
+def _summary_from_wandb(config: dict[str, Any], remote_summary: dict[str, Any], state: str) -> dict[str, Any]:
+    """The summary.json fields, rebuilt from what train.py logs to W&B: the resolved config, the
+    ``status`` it sets at the end, and the last ``eval_<inference>/<metric>`` and ``train/*`` values."""
+    batch, normalizer = config.get("batch") or {}, config.get("normalizer") or {}
+    final = {inference: {metric: remote_summary[f"eval_{inference}/{metric}"] for metric in EVAL_METRICS
+                         if f"eval_{inference}/{metric}" in remote_summary}
+             for inference in INFERENCES if f"eval_{inference}/top1" in remote_summary}
+    rebuilt = {
+        "experiment": config.get("experiment_name"), "run": config.get("run_name"),
+        "status": remote_summary.get("status", state), "model": (config.get("model") or {}).get("name"),
+        "normalizer": normalizer.get("name"), "transition": normalizer.get("transition"),
+        "gradient_batch_size": batch.get("gradient"), "statistics_batch_size": batch.get("statistics"),
+        "per_device_batch_size": batch.get("per_device"), "data": (config.get("data") or {}).get("name"),
+        "seed": config.get("seed"), "final": final, "examples_per_s": remote_summary.get("train/examples_per_s"),
+    }
+    # summary.json's own fields, where a run put them in its W&B summary, are the better source.
+    return {**rebuilt, **{key: value for key, value in remote_summary.items() if "/" not in key}}
 
-    train.py logs its resolved config as the W&B config, groups runs by experiment, puts the
-    ``summary.json`` fields in the W&B summary and logs evaluations as ``eval/<inference>/<metric>``.
-    """
+
+def load_wandb(project_path: str, experiments: Iterable[str]) -> list[Run]:
+    """Every run of ``experiments`` in the W&B project ``entity/project`` (selected by the
+    ``experiment_name`` of their config), with its evaluation history."""
     import wandb  # only this path needs the network, so only it pays the import
 
     api = wandb.Api(timeout=60)
     runs = []
     for experiment in experiments:
-        for remote in api.runs(project_path, filters={"group": experiment}):
-            summary = {key: value for key, value in remote.summary.items() if not key.startswith("_")}
-            summary.setdefault("status", "finished" if remote.state == "finished" else remote.state)
+        for remote in api.runs(project_path, filters={"config.experiment_name": experiment}):
+            config = dict(remote.config)
+            remote_summary = {key: value for key, value in remote.summary.items() if not key.startswith("_")}
             evals = []
-            for inference in ("population", "batch"):
-                keys = {metric: f"eval/{inference}/{metric}" for metric in ("top1", "top5", "loss")}
-                for row in remote.scan_history(keys=["_step", *keys.values()]):
-                    evals.append({"kind": "eval", "inference": inference, "step": row.get("trainer/step", row["_step"]),
-                                  **{metric: row.get(key) for metric, key in keys.items()}})
-            runs.append(Run(experiment, remote.name, summary, dict(remote.config), evals))
+            for inference in INFERENCES:
+                keys = [f"eval_{inference}/{metric}" for metric in EVAL_METRICS]
+                for row in remote.scan_history(keys=["_step", *keys]):
+                    evals.append({"kind": "eval", "step": row["_step"], "inference": inference,
+                                  **{metric: row[key] for metric, key in zip(EVAL_METRICS, keys)}})
+            runs.append(Run(experiment, remote.name, _summary_from_wandb(config, remote_summary, remote.state),
+                            config, evals))
     return runs

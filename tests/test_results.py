@@ -214,3 +214,45 @@ def test_unknown_id_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         aggregate.main(["table9"])
     assert "unknown id 'table9'" in capsys.readouterr().err
+
+
+class FakeWandbRun:
+    """What ``wandb.Api().runs()`` yields, holding what train.py logs (docs/run-records.md)."""
+
+    def __init__(self, normalizer: str, curve: list[tuple[int, float]]) -> None:
+        self.name = f"inception_v2_{normalizer}_g256_s1_seed0"
+        self.state = "finished"
+        self.config = {"experiment_name": "fig4", "run_name": self.name, "seed": 0, "model": {"name": "inception_v2"},
+                       "normalizer": {"name": normalizer}, "data": {"name": "imagenet"},
+                       "batch": {"gradient": 256, "statistics": 1, "per_device": 32}}
+        self.history = [{"_step": step, **{f"eval_{inference}/{metric}": value for inference in ("batch", "population")
+                                           for metric in ("top1", "top5", "loss")}} for step, value in curve]
+        self.history.insert(1, {"_step": 1, "train/loss": 2.0})  # a train row: no eval keys
+        self.summary = {"status": "finished", "_runtime": 5, **self.history[-1]}
+
+    def scan_history(self, keys: list[str]) -> list[dict]:
+        return [row for row in self.history if all(key in row for key in keys)]
+
+
+def test_wandb_runs_make_the_same_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    curves = {"bn": [(100, 10.0), (200, 20.0)], "bkn": [(100, 15.0), (200, 27.5)]}
+    queries = []
+
+    class FakeApi:
+        def __init__(self, timeout: int) -> None:
+            pass
+
+        def runs(self, path: str, filters: dict) -> list[FakeWandbRun]:
+            queries.append((path, filters))
+            return [FakeWandbRun(normalizer, curve) for normalizer, curve in curves.items()]
+
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    monkeypatch.setattr(sys.modules["wandb"], "Api", FakeApi, raising=False)
+    aggregate.main(["fig4", "--wandb", "me/bkn", "--out-dir", str(tmp_path)])
+
+    assert queries == [("me/bkn", {"config.experiment_name": "fig4"})]
+    table = read_csv(tmp_path / "fig4.csv")
+    for normalizer, curve in curves.items():
+        for metric in ("top1_batch", "top1_population"):
+            assert float(table[f"inception_v2/{normalizer}", metric]["ours_mean"]) == curve[-1][1]
+    assert table["inception_v2/brn", "top1_batch"]["ours_status"] == "missing"
