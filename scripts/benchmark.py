@@ -5,8 +5,8 @@ round-robin: each repeat runs ``steps`` training steps (forward, backward, SGD s
 of the model's input shape) of every variant in turn, starting one variant later each repeat, so
 a drift of the shared machine hits all variants alike. The report gives the median examples/s and
 its min/max over repeats, the ratio to our BN with one group, the project's speed targets with
-pass/fail, and the input pipeline's examples/s; it is written to ``<output>/<device>.md`` and
-``.csv``.
+pass/fail, and the input pipeline's examples/s; it is written to ``results/benchmark/<device>.md``
+and ``.csv`` (or to ``--output``).
 
 Peak memory of one training step is the variant's resident tensors (parameters, buffers, optimizer
 state, the batch) plus the most that the step allocates on top of them:
@@ -432,10 +432,13 @@ def markdown_table(header: list[str], body: list[list[Any]]) -> list[str]:
 
 
 def write_report(output: Path, settings: list[Setting], candidates: list[Candidate], loaders: list[LoaderResult],
-                 options: Options, command: str, load: tuple[float, float, float]) -> None:
+                 options: Options, command: str, load_at_start: float, seconds: float) -> None:
     device = torch.device(options.device)
     machine = machine_description(device)
     records = rows(candidates)
+    load_at_end = os.getloadavg()[0]
+    shared = " (more than the cores: other processes shared the CPU)" if \
+        max(load_at_start, load_at_end) > (os.cpu_count() or 1) + 0.5 else ""
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output.with_suffix(".csv"), "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=[*records[0], "device", "compile", "amp", "channels_last",
@@ -453,9 +456,9 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
                    "(allocator caches and library workspaces excluded)")
     lines = [
         f"# Training-step benchmark: {options.device}", "",
-        f"Reproduce: `{command}` (written {datetime.date.today().isoformat()}).", "",
-        f"- Machine: {machine['cpu']}; GPU: {machine['gpu']}; load average (1 min) {load[0]:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end (above the core count, other processes shared the CPU).",
+        f"Reproduce: `{command}` (run {datetime.date.today().isoformat()}, {seconds / 60:.1f} minutes).", "",
+        f"- Machine: {machine['cpu']}; GPU: {machine['gpu']}; load average (1 min) {load_at_start:.1f} at the "
+        f"start, {load_at_end:.1f} at the end{shared}.",
         f"- Versions: python {machine['python']}, torch {machine['torch']}, bkn {machine['bkn']}.",
         f"- Mode: {'torch.compile' if options.compile else 'eager'}, {'bf16 autocast' if options.amp else 'fp32'}, "
         f"{'channels_last' if options.channels_last else 'contiguous'}; random data; SGD with momentum.",
@@ -559,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         settings, options = resolve(args)
     except ValueError as error:
         sys.exit(f"benchmark: {error}")
-    started, load = time.perf_counter(), os.getloadavg()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     candidates = []
     for setting in settings:
         for variant in setting.variants:
@@ -569,8 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     loaders = measure_loaders(settings, candidates, options)
     output = args.output or Path("results/benchmark") / options.device
     command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
-    write_report(output, settings, candidates, loaders, options, command, load)
-    print(f"wrote {output}.md and .csv in {time.perf_counter() - started:.0f} s")
+    write_report(output, settings, candidates, loaders, options, command, load_at_start,
+                 time.perf_counter() - started)
+    print(f"wrote {output}.md and .csv")
 
 
 if __name__ == "__main__":
