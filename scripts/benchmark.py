@@ -146,12 +146,6 @@ PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
 
 # --- torch.nn.BatchNorm2d as a reference --------------------------------------------------------
 
-class TorchBatchNorm2d(nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` unchanged, plus the one attribute the bkn blocks ask a norm for."""
-
-    carries_state = False
-
-
 def swap_in_torch_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every ``bkn.nn.BatchNorm2d`` with one statistics group by a ``torch.nn.BatchNorm2d``
     holding the same parameters and running statistics, in place; returns ``model``."""
@@ -159,14 +153,15 @@ def swap_in_torch_batchnorm(model: nn.Module) -> nn.Module:
         for name, child in parent.named_children():
             if type(child) is not bkn.nn.BatchNorm2d:
                 continue
-            if child.statistics_batch_size is not None:
-                raise ValueError(f"{name} has statistics groups of {child.statistics_batch_size}; "
-                                 "torch.nn.BatchNorm2d has one group: build the model with statistics_batch_size=None")
-            reference = TorchBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                         child.track_running_stats)
-            reference.load_state_dict(child.state_dict())
-            reference.train(child.training)
-            setattr(parent, name, reference.to(next(child.buffers(), torch.empty(0)).device))
+            if child.statistics_batch_size is not None or child.inference != "population":
+                raise ValueError(f"{name} has statistics groups or batch inference; torch.nn.BatchNorm2d has "
+                                 "neither: build the model with statistics_batch_size=None, inference='population'")
+            state = child.state_dict()
+            reference = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats,
+                                       device=next(iter(state.values()), torch.empty(0)).device)
+            reference.load_state_dict(state)
+            setattr(parent, name, reference.train(child.training))
     return model
 
 

@@ -110,9 +110,10 @@ def test_torch_bn_swap_gives_the_same_model() -> None:
     torch.testing.assert_close(reference.stem.norm.running_var, ours.stem.norm.running_var)
 
 
-def test_torch_bn_swap_refuses_statistics_groups() -> None:
-    model = build_model("cifar_net", 10, {"name": "bn", "statistics_batch_size": 2}, 8)
-    with pytest.raises(ValueError, match="statistics_batch_size=None"):
+@pytest.mark.parametrize("option", [{"statistics_batch_size": 2}, {"inference": "batch"}])
+def test_torch_bn_swap_refuses_what_torch_bn_cannot_do(option: dict) -> None:
+    model = build_model("cifar_net", 10, {"name": "bn", **option}, 8)
+    with pytest.raises(ValueError, match="statistics_batch_size=None, inference='population'"):
         benchmark.swap_in_torch_batchnorm(model)
 
 
