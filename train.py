@@ -23,6 +23,13 @@ from bkn.engine import TrainingStopped, run
 from bkn.engine.session import load_datasets
 
 
+def one_line(error: Exception) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (whose message is the
+    worker's traceback), the original message, its last line."""
+    last_line = str(error).strip().splitlines()[-1]
+    return last_line.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+
+
 @record  # under torchrun: the failing rank's traceback is shown, not just its exit code
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
@@ -33,7 +40,7 @@ def main(cfg: DictConfig) -> None:
             return
         run(cfg, plan)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from bkn.config import World, detect_world
-from training_helpers import TINY, TinyNet, final_state, register_tiny_net, run_fault_runner, train_in_process
+from training_helpers import (TINY, TinyNet, final_state, register_tiny_net, run_fault_runner,
+                              single_thread, train_in_process)  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_torchrun_and_slurm_environments_are_read() -> None:

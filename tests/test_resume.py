@@ -11,7 +11,10 @@ import torch
 from bkn.config import ConfigError
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
 from bkn.engine.records import read_metrics, read_summary
-from training_helpers import TINY, final_state, one_thread, register_tiny_net, run_fault_runner, train_in_process
+from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner, single_thread,
+                              train_in_process)  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # 14 steps over epochs of 6 steps (48 examples, 8 per step), checkpoints every 3 steps. The
 # Monte-Carlo transition draws noise every step, so the RNG state must be restored too.
@@ -20,8 +23,7 @@ RUN = [*TINY, "normalizer=bkn_monte_carlo", "train.steps=14", "checkpoint.every=
 
 def test_killed_run_resumes_to_identical_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)
-    with one_thread():
-        reference = train_in_process(tmp_path / "reference", RUN)
+    reference = train_in_process(tmp_path / "reference", RUN)  # one thread, as the subprocesses
 
     out_dir = f"out_dir={tmp_path / 'killed'}"
     # SIGKILL during step 8 (0-based; the next epoch started at step 6): last checkpoint at step 6.

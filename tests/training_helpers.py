@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -69,6 +70,14 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``. Tiny models are fastest on
+    one thread, and two threads per process on a busy 2-core machine are many times slower."""
+    with one_thread():
+        yield
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

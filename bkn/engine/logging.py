@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ class WandbLogger:
     def __init__(self, settings: dict[str, Any], *, run_dir: Path, name: str, group: str, tags: list[str],
                  config: dict[str, Any]) -> None:
         self.run: Any = None
+        # wandb sends its own crash reports to sentry.io; that is not ours to send (nor to wait for offline).
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         try:
             import wandb
 

@@ -155,6 +155,7 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
     session.model.train()
     while session.step < plan.steps:
         if session.collective.any(stop.requested):
+            session.train_seconds += clock.lap()
             save(session, checkpoint_file)
             return "preempted"
         set_step(session.raw_model, session.step)

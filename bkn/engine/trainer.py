@@ -53,17 +53,13 @@ def _check_same_run(saved_config: Path, cfg: DictConfig) -> None:
 
 
 def _resume_source(cfg: DictConfig, plan: Plan) -> Path | None:
+    """The checkpoint to start from: resume=auto finds this run's own (made with the same settings)."""
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
         return Path(cfg.resume)
     last = checkpoint_path(plan.run_dir)
-    if not last.exists():
-        return None
-    saved_config = plan.run_dir / "config.yaml"
-    if saved_config.exists():
-        _check_same_run(saved_config, cfg)
-    return last
+    return last if last.exists() else None
 
 
 def _wandb(cfg: DictConfig, plan: Plan, config: dict[str, Any]) -> WandbLogger | None:
@@ -115,11 +111,15 @@ def run(cfg: DictConfig, plan: Plan) -> str:
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
     previous = read_summary(plan.run_dir)
-    if cfg.resume == "auto" and previous is not None and previous["status"] == "finished":
+    finished = cfg.resume == "auto" and previous is not None and previous["status"] == "finished"
+    source = _resume_source(cfg, plan)
+    saved_config = plan.run_dir / "config.yaml"
+    if cfg.resume == "auto" and (finished or source is not None) and saved_config.exists():
+        _check_same_run(saved_config, cfg)  # a changed setting is another run, not this one
+    if finished:
         log.info("%s already finished (step %d of %d); nothing to do. Pass resume=null to train it again.",
                  plan.run_dir, previous["step"], previous["steps"])
         return "finished"
-    source = _resume_source(cfg, plan)
     device = torch.device("cuda", plan.world.local_rank) if plan.device == "cuda" else torch.device("cpu")
     with process_group(plan.world, device, cfg.distributed.timeout_s) as collective, StopRequest() as stop:
         checkpoint = load_checkpoint(source) if source is not None else None
