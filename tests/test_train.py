@@ -245,3 +245,23 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, monkeypatch:
     assert "8 = 4 per device x 1 process(es) x 2 accumulation step(s)" in printed
     assert "6 steps = 1.00 epochs of 48 training examples" in printed
     assert not list(tmp_path.rglob("summary.json"))
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    return [line["loss"] for line in read_metrics(run_dir) if line["kind"] == "train"]
+
+
+def test_bf16_autocast_trains_like_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    float32 = _train_losses(train_in_process(tmp_path / "fp32", TINY))
+    bfloat16 = _train_losses(train_in_process(tmp_path / "bf16", [*TINY, "amp=bf16"]))
+    assert bfloat16 != float32  # autocast was on: bf16 rounding shows in the losses
+    assert bfloat16 == pytest.approx(float32, rel=0.02)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    eager = _train_losses(train_in_process(tmp_path / "eager", [*TINY, "normalizer=bkn_linear"]))
+    compiled = _train_losses(train_in_process(tmp_path / "compiled", [*TINY, "normalizer=bkn_linear", "compile=true"]))
+    assert compiled == pytest.approx(eager, rel=1e-3)
