@@ -203,3 +203,16 @@ def test_compiled_cifar_net_with_bkn_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     for grad, parameter in zip(eager_grads, model.parameters()):
         torch.testing.assert_close(parameter.grad, grad, rtol=1e-3, atol=1e-4)
+
+
+def test_cifar_net_width_matches_bkn_linear_parameter_count():
+    """Table 3's widened BN: width 1.17 holds as many parameters as BKN with the linear transition."""
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    default = build_model("cifar_net", 10, {"name": "bn"}, 32)
+    assert count(build_model("cifar_net", 10, {"name": "bn"}, 32, width=1.0)) == count(default)
+    widened = count(build_model("cifar_net", 10, {"name": "bn"}, 32, width=1.17))
+    bkn_linear = count(build_model("cifar_net", 10, {"name": "bkn", "transition": "linear"}, 32))
+    assert bkn_linear > count(default)
+    assert abs(widened - bkn_linear) / bkn_linear < 0.01
+    with pytest.raises(ValueError, match="width must be positive"):
+        build_model("cifar_net", 10, {"name": "bn"}, 32, width=0)

@@ -34,16 +34,29 @@ def googlenet_module(in_channels: int, conv1x1: int, reduce3x3: int, conv3x3: in
     ])
 
 
+# GoogLeNet's widths for the three modules: 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool projection
+MODULE_WIDTHS = ((64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64), (192, 96, 208, 16, 48, 64))
+
+
 class CifarNet(nn.Module):
-    def __init__(self, num_classes: int, norm: NormSpec, in_channels: int = 3) -> None:
+    """``width`` scales every layer's channels (rounded): Table 3's "BN widened to BKN's parameter
+    count" is ``width=1.17`` against BKN's linear transition."""
+
+    def __init__(self, num_classes: int, norm: NormSpec, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__()
-        self.stem = ConvNormAct(in_channels, 32, 3, norm, first=True)
-        self.inception1 = googlenet_module(32, 64, 96, 128, 16, 32, 32, norm)  # -> 256
-        self.inception2 = googlenet_module(256, 128, 128, 192, 32, 96, 64, norm)  # -> 480
+        if width <= 0:
+            raise ValueError(f"cifar_net width must be positive, got width={width} (model.width=...)")
+        scaled = lambda channels: max(1, round(channels * width))  # noqa: E731
+        stem = scaled(32)
+        self.stem = ConvNormAct(in_channels, stem, 3, norm, first=True)
+        widths = [tuple(scaled(c) for c in module) for module in MODULE_WIDTHS]
+        module_out = [w[0] + w[2] + w[4] + w[5] for w in widths]  # 256, 480, 512 at width 1
+        self.inception1 = googlenet_module(stem, *widths[0], norm)
+        self.inception2 = googlenet_module(module_out[0], *widths[1], norm)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.inception3 = googlenet_module(480, 192, 96, 208, 16, 48, 64, norm)  # -> 512
+        self.inception3 = googlenet_module(module_out[1], *widths[2], norm)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(module_out[2], num_classes)
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -55,6 +68,7 @@ class CifarNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def cifar_net(num_classes: int, norm: NormSpec, image_size: int, in_channels: int = 3) -> CifarNet:
+def cifar_net(num_classes: int, norm: NormSpec, image_size: int, in_channels: int = 3,
+              width: float = 1.0) -> CifarNet:
     check_image_size("cifar_net", image_size, TOTAL_STRIDE)
-    return CifarNet(num_classes, norm, in_channels)
+    return CifarNet(num_classes, norm, in_channels, width)
