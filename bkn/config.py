@@ -118,7 +118,8 @@ class Plan:
             ("processes", f"{world.size} ({world.launcher}), this one rank {world.rank}, device {self.device}"),
             ("gradient batch", f"{self.gradient_batch_size} = {self.per_device_batch_size} per device x {world.size} "
                                f"process(es) x {self.accumulation} accumulation step(s)"),
-            ("statistics", f"groups of {self.statistics_batch_size} examples, {self.groups_per_device} per device batch"),
+            ("statistics", f"groups of {self.statistics_batch_size} examples, "
+                           f"{self.groups_per_device} per device batch"),
             ("evaluation", f"batches of {self.eval_batch_size}"),
             ("images", f"{self.image_size} x {self.image_size}"),
             ("length", length),
@@ -189,8 +190,9 @@ def _batch(cfg: DictConfig, world: World) -> tuple[int, int, int, int, int]:
         per_device = gradient // world.size
     if per_device % statistics:
         divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
-        raise ConfigError(f"batch.statistics={statistics} does not divide the device batch batch.per_device={per_device}: "
-                          f"each device batch is cut into statistics groups; choose one of {divisors}")
+        raise ConfigError(f"batch.statistics={statistics} does not divide the device batch "
+                          f"batch.per_device={per_device}: each device batch is cut into statistics groups; "
+                          f"choose one of {divisors}")
     if gradient % (per_device * world.size):
         raise ConfigError(f"batch.gradient={gradient} is not a multiple of batch.per_device x processes = "
                           f"{per_device} x {world.size}: the gradient batch is per_device x processes x accumulation "
@@ -235,8 +237,9 @@ def _optimizer(cfg: DictConfig) -> None:
     _int(cfg, "schedule.warmup_steps", minimum=0)
     if name == "step":
         milestones = _get(cfg, "schedule.milestones")
-        if (not isinstance(milestones, ListConfig) or not all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones)
-                or list(milestones) != sorted(set(milestones))):
+        fractions = isinstance(milestones, ListConfig) and all(
+            isinstance(m, (int, float)) and 0 < m < 1 for m in milestones)
+        if not fractions or list(milestones) != sorted(set(milestones)):
             raise ConfigError(f"schedule.milestones={milestones!r}: expected increasing fractions of the training "
                               f"steps in (0, 1), e.g. [0.5, 0.75]")
         _number(cfg, "schedule.gamma", 0, 1, include_minimum=False)
@@ -288,7 +291,8 @@ def _device(cfg: DictConfig, world: World) -> str:
                           f"{torch.cuda.device_count()} CUDA device(s); use device=cpu or fewer processes per node")
     amp = _choice(cfg, "amp", [None, "bf16", "fp16"])
     if amp == "fp16" and device != "cuda":
-        raise ConfigError("amp=fp16 needs CUDA (its gradient scaler is CUDA-only here); use amp=bf16 or amp=null on CPU")
+        raise ConfigError("amp=fp16 needs CUDA (its gradient scaler is CUDA-only here); "
+                          "use amp=bf16 or amp=null on CPU")
     return device
 
 
@@ -301,7 +305,8 @@ def _run_settings(cfg: DictConfig) -> Path:
     _number(cfg, "distributed.timeout_s", 0, include_minimum=False)
     resume = _get(cfg, "resume")
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint file; use resume=auto, resume=null or a path to a .pt file")
+        raise ConfigError(f"resume={resume}: no such checkpoint file; "
+                          f"use resume=auto, resume=null or a path to a .pt file")
     out_dir = _get(cfg, "out_dir")
     if not isinstance(out_dir, str) or not out_dir:
         raise ConfigError(f"out_dir={out_dir!r}: expected a folder path")

@@ -44,7 +44,8 @@ def test_every_combination_composes() -> None:
     run_names = set()
     for model, normalizer, data in itertools.product(MODEL_CONFIGS, NORMALIZER_CONFIGS, DATA_CONFIGS):
         cfg = base.copy()
-        cfg.model, cfg.normalizer, cfg.data = nodes["model", model], nodes["normalizer", normalizer], nodes["data", data]
+        cfg.model, cfg.normalizer = nodes["model", model], nodes["normalizer", normalizer]
+        cfg.data = nodes["data", data]
         assert "statistics_batch_size" not in cfg.normalizer  # it comes from batch.statistics
         run_names.add((cfg.run_name, data))
     # Different settings never share a run directory (normalizer variants included); bkn and
@@ -94,7 +95,8 @@ def test_plan_splits_the_gradient_batch() -> None:
     cfg = compose_config(["batch.gradient=64", "batch.statistics=4", "batch.per_device=8"])
     plan = validate(cfg, environ={"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (plan.world.size, plan.accumulation, plan.groups_per_device, plan.eval_batch_size) == (4, 2, 2, 8)
-    assert validate(compose_config(["batch.gradient=32"]), environ={"RANK": "0", "WORLD_SIZE": "2"}).per_device_batch_size == 16
+    two_processes = {"RANK": "0", "WORLD_SIZE": "2"}
+    assert validate(compose_config(["batch.gradient=32"]), environ=two_processes).per_device_batch_size == 16
     plan = plan.with_train_set(1000)  # 15 full gradient batches of 64, times 10 epochs
     assert (plan.steps_per_epoch, plan.steps) == (15, 150)
     assert "150 steps = 10.00 epochs" in plan.describe()
@@ -104,7 +106,7 @@ def test_plan_splits_the_gradient_batch() -> None:
 
 BAD_SETTINGS = [
     (["batch.statistics=3"], "batch.statistics=3 does not divide the device batch batch.per_device=16"),
-    (["batch.gradient=20", "batch.per_device=8"], "batch.gradient=20 is not a multiple of batch.per_device x processes"),
+    (["batch.gradient=20", "batch.per_device=8"], "batch.gradient=20 is not a multiple of batch.per_device x"),
     (["batch.eval=5"], "batch.eval=5 is not a multiple of batch.statistics=2"),
     (["batch.gradient=0"], "batch.gradient=0: expected an integer >= 1"),
     (["train.steps=5"], "set exactly one of them"),

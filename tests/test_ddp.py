@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bkn.config import World, detect_world
+from bkn.engine.records import read_summary
 from training_helpers import (TINY, TinyNet, final_state, register_tiny_net, run_fault_runner,
                               single_thread, train_in_process)  # noqa: F401 (a fixture)
 
@@ -26,7 +27,8 @@ def test_torchrun_and_slurm_environments_are_read() -> None:
     assert detect_world({k: v for k, v in slurm.items() if k != "SUBMITIT_EXECUTOR"}) == World()
 
 
-def test_two_processes_train_like_one_process_with_accumulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_processes_train_like_one_process_with_accumulation(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # The same gradient batch of 8 as 2 processes x 4 examples, or 1 process x 2 accumulation steps
     # x 4 examples: the engine gives both the same examples per step in the same statistics groups
     # (bkn/engine/batches.py), synthetic data has no random augmentation, and the analytic BKN
@@ -37,9 +39,9 @@ def test_two_processes_train_like_one_process_with_accumulation(tmp_path: Path, 
 
     register_tiny_net(monkeypatch)
     single = train_in_process(tmp_path / "single", setting)
-    distributed = final_state(tmp_path / "ddp" / single.relative_to(tmp_path / "single"))
-    reference = final_state(single)
-    assert '"world_size": 2' in (tmp_path / "ddp" / single.relative_to(tmp_path / "single") / "summary.json").read_text()
+    ddp_run = tmp_path / "ddp" / single.relative_to(tmp_path / "single")
+    distributed, reference = final_state(ddp_run), final_state(single)
+    assert (read_summary(ddp_run)["world_size"], read_summary(single)["accumulation"]) == (2, 2)
     parameters = [key for key in reference if not key.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))]
     assert len(parameters) == 8  # conv, norm weight and bias of two blocks; fc weight and bias
     for key in parameters:

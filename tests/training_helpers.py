@@ -125,7 +125,7 @@ if fault:
     step, _, rank = where.partition(":")
     original_step = loop.optimizer_step
 
-    def faulty_step(session, loss, buffers_before):
+    def faulty_step(session, *args):
         if session.step == int(step) and session.plan.world.rank == int(rank or 0):
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -133,7 +133,7 @@ if fault:
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
                 raise RuntimeError(f"injected failure at step {{step}} on rank {{session.plan.world.rank}}")
-        return original_step(session, loss, buffers_before)
+        return original_step(session, *args)
 
     loop.optimizer_step = faulty_step
 sys.argv[0] = {str(ROOT / "train.py")!r}

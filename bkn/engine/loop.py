@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from bkn.engine.batches import Batch
 from bkn.engine.checkpoint import StopRequest, save_checkpoint
@@ -39,10 +39,11 @@ class NonFiniteCounter:
     """Counts non-finite steps on the device: all skipped steps, the current run of them in a row
     and the longest such run; also the loss of the finite steps since the last read."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, skipped_before: int) -> None:
         zero = torch.zeros((), device=device)
-        self.in_a_row, self.longest, self.skipped = zero.clone(), zero.clone(), zero.clone()
+        self.in_a_row, self.longest = zero.clone(), zero.clone()
         self.loss_sum, self.finite_steps = zero.clone(), zero.clone()
+        self.skipped = torch.full((), float(skipped_before), device=device)  # over the whole run
 
     def update(self, found_inf: Tensor, loss: Tensor) -> None:
         self.in_a_row = (self.in_a_row + 1) * found_inf  # back to 0 after a finite step
@@ -58,6 +59,35 @@ class NonFiniteCounter:
         self.loss_sum.zero_()
         self.finite_steps.zero_()
         return int(skipped), int(longest), loss_sum / finite if finite else None
+
+    def skipped_steps(self) -> int:
+        return int(self.skipped.item())
+
+
+class BufferSnapshot:
+    """The model's floating-point buffers (running statistics) as they were before a step, put
+    back if the step is skipped, without a host sync: the buffers travel as one flat tensor, so
+    it costs a few kernels per step, not a few per buffer. (Integer buffers, BN's
+    ``num_batches_tracked``, count forward passes and are left alone.)"""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [buffer for buffer in model.buffers() if buffer.is_floating_point()]
+        self.saved: Tensor | None = None
+
+    def _flat(self) -> Tensor:
+        return torch.cat([buffer.reshape(-1) for buffer in self.buffers])
+
+    def take(self) -> None:
+        if self.buffers:
+            self.saved = self._flat()
+
+    def restore_where(self, skipped: Tensor) -> None:
+        """Buffers back to the snapshot if ``skipped`` (a 0-dim tensor) is 1.0. A select, not
+        arithmetic: a skipped step's buffers may hold NaN, and NaN x 0 is NaN."""
+        if self.buffers:
+            kept = torch.where(skipped.bool(), self.saved, self._flat())
+            parts = kept.split([buffer.numel() for buffer in self.buffers])
+            torch._foreach_copy_(self.buffers, [part.view_as(buffer) for part, buffer in zip(parts, self.buffers)])
 
 
 class Stopwatch:
@@ -98,7 +128,7 @@ def forward_backward(session: Session, device_batches: list[Batch]) -> Tensor:
     return total
 
 
-def optimizer_step(session: Session, loss: Tensor, buffers_before: list[Tensor]) -> Tensor:
+def optimizer_step(session: Session, loss: Tensor, buffers_before: BufferSnapshot) -> Tensor:
     """Apply the accumulated gradients unless the loss or a gradient is non-finite on any rank;
     returns that flag (1.0: skipped) without reading it. A skipped step also puts back the
     buffers (running statistics) as they were before its forward passes."""
@@ -111,9 +141,7 @@ def optimizer_step(session: Session, loss: Tensor, buffers_before: list[Tensor])
     optimizer.step()
     session.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    skipped = found_inf.bool()
-    for buffer, before in zip(session.raw_model.buffers(), buffers_before):
-        buffer.copy_(torch.where(skipped, before, buffer))
+    buffers_before.restore_where(found_inf)
     return found_inf
 
 
@@ -149,19 +177,25 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
     """Train from ``session.step`` to the plan's last step, then checkpoint and evaluate.
     Returns "finished" or "preempted"; raises TrainingStopped after too many bad steps in a row."""
     cfg, plan, optimizer = session.cfg, session.plan, session.optimizer
-    counter = NonFiniteCounter(session.device)
+    counter = NonFiniteCounter(session.device, session.skipped_steps)
+    buffers_before = BufferSnapshot(session.raw_model)
     clock = Stopwatch()
     steps_since_log = 0
+
+    def checkpoint() -> None:
+        session.skipped_steps = counter.skipped_steps()
+        save(session, checkpoint_file)
+
     session.model.train()
     while session.step < plan.steps:
         if session.collective.any(stop.requested):
             session.train_seconds += clock.lap()
-            save(session, checkpoint_file)
+            checkpoint()
             return "preempted"
         set_step(session.raw_model, session.step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(session.step, plan.steps, cfg.optim.lr, cfg.schedule)
-        buffers_before = [buffer.clone() for buffer in session.raw_model.buffers()]
+        buffers_before.take()
         loss = forward_backward(session, session.batches.next_step())
         counter.update(optimizer_step(session, loss, buffers_before), loss)
         session.step += 1
@@ -184,12 +218,12 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
             if _due(session.step, cfg.eval.every):
                 on_eval(evaluate_all(session, logger))
             if _due(session.step, cfg.checkpoint.every):
-                save(session, checkpoint_file)
+                checkpoint()
             clock.resume()
 
     session.train_seconds += clock.lap()
     if session.last_checkpoint_step != session.step:
-        save(session, checkpoint_file)
+        checkpoint()
     on_eval(evaluate_all(session, logger))
     return "finished"
 

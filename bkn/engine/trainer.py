@@ -46,10 +46,11 @@ def _check_same_run(saved_config: Path, cfg: DictConfig) -> None:
     for key in RUN_DEFINING_KEYS:
         before, now = _leaves(OmegaConf.select(saved, key), key), _leaves(OmegaConf.select(cfg, key), key)
         for leaf in sorted(before.keys() | now.keys()):
-            if before.get(leaf, "<unset>") != now.get(leaf, "<unset>"):
-                raise ConfigError(f"resume=auto: {saved_config.parent} holds a run made with {leaf}="
-                                  f"{before.get(leaf, '<unset>')}, this config has {leaf}={now.get(leaf, '<unset>')}; "
-                                  f"pass resume=null to start it over, or choose another run_name")
+            old, new = before.get(leaf, "<unset>"), now.get(leaf, "<unset>")
+            if old != new:
+                raise ConfigError(f"resume=auto: {saved_config.parent} holds a run made with {leaf}={old}, this "
+                                  f"config has {leaf}={new}; pass resume=null to start it over, or choose another "
+                                  f"run_name")
 
 
 def _resume_source(cfg: DictConfig, plan: Plan) -> Path | None:
@@ -98,7 +99,8 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
         "skipped_steps": session.skipped_steps,
         "final": {inference: {"top1": result.top1, "top5": result.top5, "loss": result.loss,
                               "examples": result.examples} for inference, result in final.items()},
-        "examples_per_s": session.step * plan.gradient_batch_size / session.train_seconds if session.train_seconds else None,
+        "examples_per_s": (session.step * plan.gradient_batch_size / session.train_seconds
+                           if session.train_seconds else None),
         "wall_time_s": session.wall_seconds(),
         "num_parameters": session.num_parameters,
         "versions": {"torch": torch.__version__, "bkn": version("bkn")},
