@@ -96,6 +96,11 @@ class Plan:
     def groups_per_device(self) -> int:
         return self.per_device_batch_size // self.statistics_batch_size
 
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the training set (known once it is loaded)."""
+        return None if self.steps is None else self.steps / self.steps_per_epoch
+
     def with_train_set(self, train_examples: int) -> Plan:
         steps_per_epoch = train_examples // self.gradient_batch_size
         if steps_per_epoch == 0:
@@ -111,7 +116,7 @@ class Plan:
             length = (f"{self.train_steps} steps" if self.train_steps is not None
                       else f"{self.train_epochs} epochs (steps known once the data is loaded)")
         else:
-            length = (f"{self.steps} steps = {self.steps / self.steps_per_epoch:.2f} epochs of {self.train_examples} "
+            length = (f"{self.steps} steps = {self.epochs:.2f} epochs of {self.train_examples} "
                       f"training examples ({self.steps_per_epoch} steps per epoch)")
         rows = [
             ("run directory", str(self.run_dir)),

@@ -218,13 +218,14 @@ def test_train_py_with_a_registry_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("writer", [write_cifar10, write_cifar100])
-def test_cifar_files_end_to_end(writer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_py_on_cifar_files(writer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)
     writer(tmp_path / "cifar")
     name = "cifar10" if writer is write_cifar10 else "cifar100"
     overrides = [*TINY_RUN, f"data={name}", f"data.root={tmp_path / 'cifar'}", "data.num_workers=0",
-                 "data.image_size=8", "batch.gradient=4", "train.steps=3"]
-    summary = _check_record(train_in_process(tmp_path / "runs", overrides), steps=3)
+                 "data.image_size=8", "batch.gradient=4", "train.steps=3", f"out_dir={tmp_path / 'runs'}"]
+    assert run_train_main(monkeypatch, overrides) == 0
+    summary = _check_record(tmp_path / "runs" / "default" / "tiny_net_bkn-analytic_g4_s2_seed0", steps=3)
     assert summary["data"] == name and summary["final"]["population"]["examples"] == 6
 
 
