@@ -246,3 +246,11 @@ def test_loader_throughput_counts_examples():
     assert measure_loader_throughput(loader, 3) > 0
     with pytest.raises(ValueError, match="batches=5"):
         measure_loader_throughput(loader, 5)
+
+
+def test_worker_augmentation_seeds_differ_per_rank_and_repeat_per_seed():
+    data = build_datasets("synthetic", train_size=32, test_size=8).train
+    seed_of = lambda rank, seed=0: build_loader(data, 4, train=True, world_size=2, rank=rank,  # noqa: E731
+                                                seed=seed).generator.initial_seed()
+    assert seed_of(0) != seed_of(1)
+    assert seed_of(0) == seed_of(0) and seed_of(0) != seed_of(0, seed=1)

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -70,7 +71,8 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),  # seeds the workers' augmentation RNGs
+        # seeds the workers' augmentation RNGs: per shard, so ranks do not draw the same augmentations
+        generator=torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])),
     )
 
 
