@@ -11,9 +11,8 @@ import torch
 from bkn.config import World, detect_world
 from bkn.engine.records import read_summary
 from training_helpers import (TINY, TinyNet, final_state, register_tiny_net, run_fault_runner,
-                              single_thread, train_in_process)  # noqa: F401 (a fixture)
+                              train_in_process)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_torchrun_and_slurm_environments_are_read() -> None:

@@ -20,9 +20,8 @@ from bkn.engine.records import read_metrics, read_summary
 from bkn.models import build_model
 from data_writers import write_cifar10, write_image_folders
 from training_helpers import (ROOT, TINY, TINY_RUN, register_tiny_net, run_fault_runner, run_train_main,
-                              single_thread, subprocess_env, train_in_process)  # noqa: F401 (a fixture)
+                              subprocess_env, train_in_process)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 SECRET = "sk-test-secret-123"
 

@@ -44,16 +44,6 @@ MATRIX = [pytest.param(name, norm, id=f"{name}-{norm}", marks=() if (name, norm)
           for name in list_models() for norm in NORMS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread costs more in synchronization than it saves, and
-    far more when other processes share the cores (spinning OpenMP workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name, norm", MATRIX)
 def test_forward_backward_and_state_reaches_every_norm(name, norm):
     torch.manual_seed(0)

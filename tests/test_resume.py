@@ -11,10 +11,9 @@ import torch
 from bkn.config import ConfigError
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
 from bkn.engine.records import read_metrics, read_summary
-from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner, single_thread,
-                              train_in_process)  # noqa: F401 (a fixture)
+from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner,
+                              train_in_process)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # 14 steps over epochs of 6 steps (48 examples, 8 per step), checkpoints every 3 steps. The
 # Monte-Carlo transition draws noise every step, so the RNG state must be restored too.

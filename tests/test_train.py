@@ -22,9 +22,8 @@ from bkn.engine.records import RunRecord, read_metrics, read_summary
 from bkn.nn import set_inference
 from data_writers import write_cifar10, write_cifar100
 from training_helpers import (ROOT, TINY, TINY_RUN, TinyNet, final_state, register_tiny_net, run_train_main,
-                              single_thread, subprocess_env, train_in_process)  # noqa: F401 (a fixture)
+                              subprocess_env, train_in_process)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 TRAIN_KEYS = {"kind", "step", "epoch", "loss", "lr", "examples_per_s", "skipped_steps"}
 EVAL_KEYS = {"kind", "step", "inference", "top1", "top5", "loss", "examples"}

@@ -14,12 +14,9 @@ import runpy
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -58,26 +55,6 @@ class TinyNet(nn.Module):
 
 def register_tiny_net(monkeypatch: Any) -> None:
     monkeypatch.setitem(MODELS, "tiny_net", TinyNet)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch with one thread, as in the subprocesses: bit-for-bit comparisons need the same
-    thread count on both sides (reductions split differently otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    """Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``. Tiny models are fastest on
-    one thread, and two threads per process on a busy 2-core machine are many times slower."""
-    with one_thread():
-        yield
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
