@@ -5,7 +5,7 @@ round-robin: each repeat runs ``steps`` training steps (forward, backward, SGD s
 of the model's input shape) of every variant in turn, starting one variant later each repeat, so
 a drift of the shared machine hits all variants alike. The report gives the median examples/s and
 its min/max over repeats (on CPU also examples per CPU-second of this process, which other
-processes on the machine hardly disturb), the ratio to our BN with one group, the targets with
+processes on the machine disturb far less), the ratio to our BN with one group, the targets with
 pass/fail, and the input pipeline's examples/s; it is written to ``results/benchmark/<device>.md``
 and ``.csv`` (or to ``--output``).
 
