@@ -103,10 +103,12 @@ def measure(run: Run, layer: str | None, batches: int, device: torch.device) -> 
                 break
     finally:
         handle.remove()
-    moving = norm.running_var.float()
-    groups = lambda values: torch.cat(values)[:batches].T.cpu()  # noqa: E731  (channels, batches)
-    return Gaps(run, layer, (groups(normalizing) - moving.cpu()[:, None]).abs(),
-                (groups(sample) - moving.cpu()[:, None]).abs(), moving.cpu())
+    moving = norm.running_var.float().cpu()
+
+    def gap(variances: list[Tensor]) -> Tensor:  # (channels, batches)
+        return (torch.cat(variances)[:batches].T.cpu() - moving[:, None]).abs()
+
+    return Gaps(run, layer, gap(normalizing), gap(sample), moving)
 
 
 def pick_runs(runs: Sequence[Run], seed: int) -> dict[str, Run]:

@@ -66,7 +66,7 @@ def _draw(axis: plt.Axes, panel: Panel) -> None:
         steps, mean, low, high = mean_and_range(curve.seeds)
         seeds = sum(1 for seed in curve.seeds if seed)
         if steps:
-            label = curve.label + (f" (mean of {seeds} seeds, band: min-max)" if seeds > 1 else "")
+            label = curve.label + (f" ({seeds} seeds)" if seeds > 1 else "")
             axis.plot(steps, mean, marker="." if len(steps) < 30 else None, label=label, **style)
             if seeds > 1:
                 axis.fill_between(steps, low, high, color=style["color"], alpha=0.15, linewidth=0)
@@ -97,13 +97,15 @@ def plot_panels(panels: Sequence[Panel], title: str, path: Path, columns: int) -
     """Draw ``panels`` in a grid of ``columns`` and save the figure to ``path``."""
     columns = max(1, min(columns, len(panels)))
     rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.6 * rows), squeeze=False,
+                                layout="constrained")
     for axis, panel in zip(axes.flat, panels):
         _draw(axis, panel)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
+    several_seeds = any(sum(1 for seed in curve.seeds if seed) > 1 for panel in panels for curve in panel.curves)
+    figure.suptitle(title + ("\nlines: mean over seeds; bands: their minimum to maximum" if several_seeds else ""),
+                    fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -3,8 +3,8 @@ with each transition on the digits data set, at micro-batch settings and a large
 several seeds; every run is evaluated with batch and with population statistics.
 
 A setting pairs a gradient and a statistics batch size, which one Hydra sweep cannot pair, so
-this script launches ``train.py -m experiment=study`` once per setting and seed, ``--workers`` at a
-time with one thread each: on a 2-core machine two one-thread processes finish sooner than one
+this script launches ``train.py -m experiment=study`` per setting (and seed, for BKN's three
+transitions), ``--workers`` at a time with one thread each: on a 2-core machine two one-thread processes finish sooner than one
 two-thread process, and far sooner when anything else runs. ``resume=auto`` skips finished runs,
 so an interrupted study continues where it stopped. Then ``make study`` writes results/study/.
 
@@ -25,20 +25,33 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ((64, 64), (32, 2), (16, 1), (8, 2))  # (gradient, statistics); the first is the baseline
 SEEDS = (0, 1, 2)
-# BRN's schedule shrunk from 5k warm-up / 40k relaxation steps to study.yaml's 300 steps.
-BRN = ("normalizer=brn", "normalizer.warmup_steps=30", "normalizer.relax_steps=120")
+# Every run sees the same number of examples (study.yaml: train.epochs), so the settings differ in
+# their number of steps; these rules, in examples, scale with the gradient batch of each setting.
+BASE_LR, BASE_BATCH = 0.1, 64  # the linear scaling rule: lr = 0.1 x gradient / 64
+EVAL_EVERY_EXAMPLES = 640  # about 7 evaluations per run
+BRN_WARMUP_EXAMPLES, BRN_RELAX_EXAMPLES = 500, 2000  # BRN's 5k / 40k steps, shrunk to these short runs
+# BKN's gain q, as the authors' code sets p = 1 - q: 0.9 for micro-batches, 0.05 for large batches.
+MICRO_BATCH_GAIN, LARGE_BATCH_GAIN = 0.1, 0.95
+LARGE_STATISTICS = 32  # statistics batches from this size up count as large
 
 
 def commands(runs_dir: Path, settings: Sequence[tuple[int, int]], seeds: Sequence[int],
              extra: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(log name, command) of every ``train.py`` sweep of the study, the costliest first."""
     launched = []
+    all_seeds = f"seed={','.join(map(str, seeds))}"
     for gradient, statistics in sorted(settings, reverse=True):
+        name = f"g{gradient}_s{statistics}"
         base = [sys.executable, "train.py", "-m", "experiment=study", f"out_dir={runs_dir}", "resume=auto",
-                f"batch.gradient={gradient}", f"batch.statistics={statistics}", f"batch.per_device={gradient}"]
-        for seed in seeds:  # the sweep's own normalizers: BN and the three BKN transitions
-            launched.append((f"g{gradient}_s{statistics}_seed{seed}", [*base, f"seed={seed}", *extra]))
-        launched.append((f"g{gradient}_s{statistics}_brn", [*base, f"seed={','.join(map(str, seeds))}", *BRN, *extra]))
+                f"batch.gradient={gradient}", f"batch.statistics={statistics}", f"batch.per_device={gradient}",
+                f"optim.lr={BASE_LR * gradient / BASE_BATCH:g}", f"eval.every={max(1, EVAL_EVERY_EXAMPLES // gradient)}"]
+        gain = LARGE_BATCH_GAIN if statistics >= LARGE_STATISTICS else MICRO_BATCH_GAIN
+        for seed in seeds:  # the sweep's own normalizers: BKN with each transition
+            launched.append((f"{name}_bkn_seed{seed}", [*base, f"seed={seed}", f"normalizer.gain={gain}", *extra]))
+        launched.append((f"{name}_bn", [*base, all_seeds, "normalizer=bn", *extra]))
+        launched.append((f"{name}_brn", [*base, all_seeds, "normalizer=brn",
+                                         f"normalizer.warmup_steps={BRN_WARMUP_EXAMPLES // gradient}",
+                                         f"normalizer.relax_steps={BRN_RELAX_EXAMPLES // gradient}", *extra]))
     return launched
 
 

@@ -14,12 +14,20 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bkn.data import build_datasets
+from bkn.models import build_model
+from bkn.nn import set_inference
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import aggregate  # noqa: E402  (scripts/ is not a package)
+import fig8_statistics  # noqa: E402
 from run_records import load_local  # noqa: E402
 
 
@@ -160,7 +168,7 @@ def test_table3_separates_micro_baseline_widened_and_classes(tmp_path: Path) -> 
 
     def cifar_run(normalizer: str, classes: int, setting: tuple[int, int], top1: float, width: float = 1.0) -> None:
         config = {"data": {"name": "synthetic", "num_classes": classes}, "model": {"name": "cifar_net",
-                                                                                    "width_multiplier": width}}
+                                                                                    "width": width}}
         write_run(runs, "table3", "cifar_net", normalizer, 0, setting=setting, per_device=setting[0],
                   top1={"batch": top1, "population": top1 - 1}, config=config, variant=f"-c{classes}-w{width}")
 
@@ -256,3 +264,44 @@ def test_wandb_runs_make_the_same_table(tmp_path: Path, monkeypatch: pytest.Monk
         for metric in ("top1_batch", "top1_population"):
             assert float(table[f"inception_v2/{normalizer}", metric]["ours_mean"]) == curve[-1][1]
     assert table["inception_v2/brn", "top1_batch"]["ours_status"] == "missing"
+
+
+@pytest.mark.parametrize("normalizer", ["bn", "bkn"])
+def test_fig8_gaps_match_an_independent_variance_of_the_hooked_layer(tmp_path: Path, normalizer: str) -> None:
+    # A fig8 run record at scale smoke whose checkpoint is an untrained network with random moving variances.
+    with initialize_config_dir(config_dir=str(SCRIPTS.parent / "configs"), version_base="1.3"):
+        config = compose("config", overrides=["experiment=fig8", "scale=smoke", f"normalizer={normalizer}",
+                                              "data=synthetic", "data.num_classes=10"])
+    statistics_batch_size, groups = config.batch.statistics, 8
+    directory = write_run(tmp_path, "fig8", "cifar_net", normalizer, 0, config=OmegaConf.to_container(config, resolve=True))
+    model = build_model("cifar_net", 10, {"name": normalizer, "statistics_batch_size": statistics_batch_size},
+                        config.data.image_size)
+    torch.manual_seed(0)
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_var"):
+            buffer.copy_(torch.rand_like(buffer) + 0.5)
+    (directory / "checkpoints").mkdir()
+    torch.save({"model": model.state_dict()}, directory / "checkpoints" / "last.pt")
+    (run,) = load_local(tmp_path, ["fig8"])
+
+    gaps = fig8_statistics.measure(run, None, batches=groups, device=torch.device("cpu"))
+
+    # Independently: the hooked layer's input on the first test examples, its unbiased variance per
+    # statistics group (group g holds examples g, g + G, ...: bkn.functional's strided groups).
+    test = build_datasets("synthetic", image_size=config.data.image_size, num_classes=10).test
+    images = torch.stack([test[index][0] for index in range(groups * statistics_batch_size)])
+    layer = model.eval().get_submodule(gaps.layer)
+    set_inference(model, "batch")
+    captured = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    x = captured[0]
+    grouped = x.reshape(statistics_batch_size, groups, x.shape[1], -1).permute(1, 2, 0, 3).flatten(2)
+    expected = (grouped.var(dim=2, unbiased=True).T - layer.running_var[:, None]).abs()
+    torch.testing.assert_close(gaps.sample, expected, rtol=1e-4, atol=1e-5)
+    if normalizer == "bn":  # BN normalizes with the sample variance itself
+        torch.testing.assert_close(gaps.normalizing, gaps.sample)
+    else:  # BKN normalizes with its Kalman estimate, which mixes in the prediction
+        assert not torch.allclose(gaps.normalizing, gaps.sample)
