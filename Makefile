@@ -70,6 +70,7 @@ table2: setup  ## Table 2: training speed, BKN / BN
 table3: setup  ## Table 3: CIFAR net, micro-batch BN / BKN against the batch-128 baseline
 	$(TRAIN) experiment=table3 $(ARGS)
 	$(TRAIN) experiment=table3_baseline $(ARGS)
+	$(TRAIN) experiment=table3_widened $(ARGS)
 	$(AGGREGATE) table3
 
 fig3: setup  ## Figure 3: (256, 4) against (256, 32)
@@ -92,7 +93,7 @@ fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 	$(TRAIN) experiment=fig8 $(ARGS)
 	$(PY) scripts/fig8_statistics.py --scale $(SCALE) --runs-dir $(RUNS_DIR) --out-dir $(RESULTS_DIR)
 
-paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~15 min on 2 CPU cores)
+paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~10 min on 2 CPU cores)
 
 study: setup  ## the small CPU study (digits; BN, BRN, BKN x 3 transitions; 3 seeds) -> results/study/ (~30 min, 2 cores)
 	$(PY) scripts/study.py $(ARGS)

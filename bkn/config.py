@@ -8,7 +8,8 @@ directory). A bad setting raises :class:`ConfigError` with one line naming the k
 building them (the model on the meta device: no memory, no time), so every option their
 constructors accept is accepted here and nothing else.
 
-Importing this module registers the ``bkn.normalizer_label`` resolver that ``run_name`` uses.
+Importing this module registers the ``bkn.normalizer_label`` and ``bkn.model_label`` resolvers
+that ``run_name`` uses.
 """
 
 from __future__ import annotations
@@ -67,7 +68,14 @@ def normalizer_label(normalizer: DictConfig) -> str:
     return normalizer.name if transition is None else f"{normalizer.name}-{transition}"
 
 
+def model_label(model: DictConfig) -> str:
+    """How a model appears in run names: its name, with its width when widened (``cifar_net-w1.17``)."""
+    width = model.get("width", 1.0)
+    return model.name if width == 1.0 else f"{model.name}-w{width:g}"
+
+
 OmegaConf.register_new_resolver("bkn.normalizer_label", normalizer_label, replace=True)
+OmegaConf.register_new_resolver("bkn.model_label", model_label, replace=True)
 
 
 @dataclass(frozen=True)

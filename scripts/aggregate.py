@@ -165,14 +165,14 @@ def _micro_figure(figure: str, setting: str, notes: tuple[str, ...] = ()) -> Lay
 def _table3_rows() -> tuple[Row, ...]:
     rows = []
     for data, classes in (("cifar10", 10), ("cifar100", 100)):
-        micro = {"classes": classes, "whole_device_batch": False, "width_multiplier": 1.0}
+        micro = {"classes": classes, "whole_device_batch": False, "width": 1.0}
         rows += [
             Row(f"{data}/bn", f"{data}: BN", "table3", {**micro, "normalizer": "bn"}, "(128, 2)"),
             Row(f"{data}/bkn", f"{data}: BKN", "table3", {**micro, "normalizer": "bkn"}, "(128, 2)"),
             Row(f"{data}/bn_widened", f"{data}: BN widened to BKN's parameters", "table3",
-                {**micro, "normalizer": "bn", "width_multiplier": "widened"}, "(128, 2)"),
+                {**micro, "normalizer": "bn", "width": "widened"}, "(128, 2)"),
             Row(f"{data}/baseline", f"{data}: BN baseline, whole batch", "table3",
-                {"classes": classes, "whole_device_batch": True, "normalizer": "bn", "width_multiplier": 1.0},
+                {"classes": classes, "whole_device_batch": True, "normalizer": "bn", "width": 1.0},
                 "(128, 128)", baseline=True),
         ]
     return tuple(rows)
@@ -266,11 +266,13 @@ def row_cells(layout: Layout, runs_by_row: Mapping[str, list[Run]]) -> dict[tupl
         finished = [run for run in runs if run.finished]
         missing = "missing" if not runs else "/".join(sorted({run.status for run in runs}))
         # Steps to reach BN's final top-1: BN's is the same model's BN row (Table 1).
-        bn_runs = [run for run in runs_by_row.get(row.key.split("/")[0] + "/bn", []) if run.finished]
-        bn_top1 = statistics.fmean(r.final("population") for r in bn_runs) if bn_runs else None
+        bn_finals = [top1 for run in runs_by_row.get(row.key.split("/")[0] + "/bn", [])
+                     if run.finished and (top1 := run.final("population")) is not None]
+        bn_top1 = statistics.fmean(bn_finals) if bn_finals else None
         for metric in layout.metrics:
             values = [value for run in finished if (value := _run_value(run, metric, bn_top1)) is not None]
-            cells[row.key, metric] = Cell(values, missing if not finished else "not reached")
+            unfilled = "not reached" if metric == "steps_to_bn_top1" else "not recorded"
+            cells[row.key, metric] = Cell(values, missing if not finished else unfilled)
     for comparison in layout.comparisons:
         for metric in comparison.metrics:
             if metric not in layout.metrics:
@@ -314,26 +316,30 @@ SMOKE_WARNING = ("Scale **smoke**: the same code path shrunk to minutes on a CPU
 
 def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, out_dir: Path,
                 command: str) -> dict[str, list[Run]]:
-    """Write ``<experiment>.md`` and ``<experiment>.csv``; return the runs of each row."""
+    """Write ``<experiment>.md`` and ``<experiment>.csv``; return the runs of each row.
+
+    A layout without paper values (the CPU study) gets no paper columns."""
     runs_by_row = {row.key: [run for run in runs if run.experiment == row.experiment and matches(run, row.match)]
                    for row in layout.rows}
     cells = row_cells(layout, runs_by_row)
+    with_paper = experiment in PAPER_REFERENCE
     lines = [(row.key, row.label, _settings(runs_by_row[row.key]), row.paper_setting, False) for row in layout.rows]
     lines += [(c.key, c.label, "", "", c.ratio) for c in layout.comparisons]
     metric_of = {c.key: set(c.metrics) for c in layout.comparisons}
 
-    header = ["row", "setting (ours)", "setting (paper)"]
+    header = ["row", "setting (ours)"] + (["setting (paper)"] if with_paper else [])
     for metric in layout.metrics:
-        header += [f"{METRICS[metric].title} — ours", f"{METRICS[metric].title} — paper"]
+        header += [f"{METRICS[metric].title} — ours"] + ([f"{METRICS[metric].title} — paper"] if with_paper else [])
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     records = []
     for key, label, ours_setting, paper_setting, ratio in lines:
-        texts = [label, ours_setting, paper_setting]
+        texts = [label, ours_setting] + ([paper_setting] if with_paper else [])
         for metric in layout.metrics:
             cell, paper = cells.get((key, metric)), _paper(experiment, key, metric)
             shown = key not in metric_of or metric in metric_of[key]
-            texts += [_format_cell(cell, metric, ratio) if cell and shown else "",
-                      (_format(paper, metric, ratio) or "—") if shown else ""]
+            texts.append(_format_cell(cell, metric, ratio) if cell and shown else "")
+            if with_paper:
+                texts.append((_format(paper, metric, ratio) or "—") if shown else "")
             if cell is not None:
                 records.append({"experiment": experiment, "scale": scale, "row": key, "label": label,
                                 "setting_ours": ours_setting, "setting_paper": paper_setting, "metric": metric,
@@ -345,8 +351,8 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
     if scale == "smoke":
         text += [SMOKE_WARNING, ""]
     text += ["Ours: mean ± std over the seeds whose run finished (n = seeds); `missing`: no run record; "
-             "a run status (`running`, `failed`, `preempted`): no finished run. "
-             "Paper: the paper's own number (— where it gives none).", "", *table, ""]
+             "a run status (`running`, `failed`, `preempted`): no finished run."
+             + (" Paper: the paper's own number (— where it gives none)." if with_paper else ""), "", *table, ""]
     text += [f"- {note}" for note in layout.notes]
     text += ["", f"Regenerate: `{command}`"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -387,13 +393,13 @@ def write_figure(experiment: str, layout: Layout, runs_by_row: Mapping[str, list
 def study_layout(runs: list[Run]) -> Layout:
     """The small CPU study's table: one row per (setting, normalizer, transition) found in its runs."""
     rows = []
-    for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[1], -s[0])):
+    for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
         kinds = sorted({(run.summary["normalizer"], run.summary.get("transition")) for run in runs
                         if run.setting == setting}, key=lambda k: (ALL_NORMALIZERS.index(k[0]), str(k[1])))
         for normalizer, transition in kinds:
             name = NORMALIZER_NAMES[normalizer] + (f" ({transition})" if normalizer == "bkn" else "")
-            rows.append(Row(f"{setting[0]},{setting[1]}/{normalizer}/{transition}", f"({setting[0]}, {setting[1]}) {name}",
-                            "study", {"setting": setting, "normalizer": normalizer, "transition": transition}, "—"))
+            rows.append(Row(f"{setting[0]},{setting[1]}/{normalizer}/{transition}", name, "study",
+                            {"setting": setting, "normalizer": normalizer, "transition": transition}, "—"))
     return Layout("BN vs BRN vs BKN on the digits data set, micro-batch settings against a large-batch baseline",
                   tuple(rows), ("top1_batch", "top1_population"), curves=("batch", "population"), panel_by="setting")
 

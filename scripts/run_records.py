@@ -70,7 +70,7 @@ class Run:
             "transition": self.summary.get("transition"),
             "data": data,
             "classes": data_config.get("num_classes", DATA_SET_CLASSES.get(data)),
-            "width_multiplier": float(model_config.get("width_multiplier", 1.0)),
+            "width": float(model_config.get("width", 1.0)),
             # Ordinary BN over the whole device batch (the CIFAR baseline) versus statistics groups.
             "whole_device_batch": per_device is not None and self.setting[1] == int(per_device),
         }

@@ -2,7 +2,7 @@
 to the runs the paper compares, and at scale smoke every job passes train.py's validation.
 
 The expected job counts come from the paper's design (models x normalizers x data sets, see
-docs/results.md), not from the configs. The slow test runs `make table3 fig4 SCALE=smoke` end to end.
+docs/results.md), not from the configs. The slow test runs `make table3 fig4 fig8 SCALE=smoke` end to end.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 import bkn.config  # noqa: F401  (registers the run_name resolver)
 from bkn.config import validate
+from bkn.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -32,6 +33,7 @@ EXPERIMENTS = {
     "table2": ("table2", 2),  # InceptionV2 x BN, BKN
     "table3": ("table3", 2 * 2),  # CIFAR-10, CIFAR-100 x BN, BKN (micro-batch)
     "table3_baseline": ("table3", 2),  # CIFAR-10, CIFAR-100 x ordinary BN
+    "table3_widened": ("table3", 2),  # CIFAR-10, CIFAR-100 x BN widened to BKN's parameter count
     "fig3": ("fig3", 2 * 3),  # InceptionV2, ResNet101 x BN, BRN, BKN
     "fig4": ("fig4", 3),  # InceptionV2 x BN, BRN, BKN
     "fig5": ("fig5", 2 * 3),
@@ -39,7 +41,7 @@ EXPERIMENTS = {
     "fig7": ("fig7", 2 * 3),
     "fig8": ("fig8", 2),  # CIFAR net on CIFAR-10 x BN, BKN
 }
-PAPER_SETTINGS = {"table1": (256, 32), "table2": (256, 32), "table3": (128, 2), "table3_baseline": (128, 128),
+PAPER_SETTINGS = {"table1": (256, 32), "table2": (256, 32), "table3": (128, 2), "table3_baseline": (128, 128), "table3_widened": (128, 2),
                   "fig3": (256, 4), "fig4": (256, 1), "fig5": (64, 8), "fig6": (16, 4), "fig7": (8, 2),
                   "fig8": (128, 2)}
 
@@ -93,7 +95,7 @@ def test_every_paper_job_has_its_own_run_folder(experiment: str) -> None:
     check_run_folders(experiment, "paper")
 
 
-@pytest.mark.parametrize("experiment", ["table3", "table3_baseline", "fig8"])
+@pytest.mark.parametrize("experiment", ["table3", "table3_baseline", "table3_widened", "fig8"])
 def test_smoke_jobs_that_rename_runs_have_their_own_run_folder(experiment: str) -> None:
     check_run_folders(experiment, "smoke")
 
@@ -102,7 +104,8 @@ def test_smoke_jobs_that_rename_runs_have_their_own_run_folder(experiment: str) 
 def test_paper_scale_uses_the_papers_setting_and_data(experiment: str) -> None:
     configs = job_configs(experiment, "paper")
     assert {(config.batch.gradient, config.batch.statistics) for config in configs} == {PAPER_SETTINGS[experiment]}
-    expected_data = {"table3": {"cifar10", "cifar100"}, "table3_baseline": {"cifar10", "cifar100"}, "fig8": {"cifar10"}}
+    expected_data = {"table3": {"cifar10", "cifar100"}, "table3_baseline": {"cifar10", "cifar100"},
+                     "table3_widened": {"cifar10", "cifar100"}, "fig8": {"cifar10"}}
     assert {config.data.name for config in configs} == expected_data.get(experiment, {"imagenet"})
 
 
@@ -127,9 +130,26 @@ def test_every_smoke_job_is_small_valid_and_in_its_own_folder(experiment: str) -
 
 
 @pytest.mark.parametrize("scale", ["paper", "smoke"])
-def test_table3_runs_and_its_baseline_share_a_folder_without_clashing(scale: str) -> None:
-    names = [config.run_name for experiment in ("table3", "table3_baseline") for config in job_configs(experiment, scale)]
-    assert len(names) == len(set(names)) == 6
+def test_table3_runs_its_baseline_and_widened_bn_share_a_folder_without_clashing(scale: str) -> None:
+    names = [config.run_name for experiment in ("table3", "table3_baseline", "table3_widened")
+             for config in job_configs(experiment, scale)]
+    assert len(names) == len(set(names)) == 8
+
+
+def test_table3_widened_bn_has_as_many_parameters_as_its_bkn() -> None:
+    def parameters(config: DictConfig) -> int:
+        options = {key: value for key, value in config.model.items() if key not in ("name", "image_size")}
+        norm = {"name": config.normalizer.name, **({"transition": config.normalizer.transition}
+                                                   if config.normalizer.name == "bkn" else {})}
+        model = build_model(config.model.name, 10, norm, 32, **options)
+        return sum(parameter.numel() for parameter in model.parameters())
+
+    bkn = [config for config in job_configs("table3", "paper") if config.normalizer.name == "bkn"]
+    (widened, *_) = job_configs("table3_widened", "paper")
+    (plain, *_) = [config for config in job_configs("table3", "paper") if config.normalizer.name == "bn"]
+    assert widened.normalizer.name == "bn" and bkn[0].normalizer.transition == "linear"
+    assert parameters(plain) < 0.8 * parameters(bkn[0])  # BKN's transition adds parameters ...
+    assert abs(parameters(widened) - parameters(bkn[0])) < 0.01 * parameters(bkn[0])  # ... the widened BN matches
 
 
 def test_smoke_table3_stands_in_for_cifar10_and_cifar100_by_class_count() -> None:
@@ -144,7 +164,7 @@ def test_study_runs_bn_and_the_three_bkn_transitions_and_brn_on_digits() -> None
     import study  # scripts/study.py: the driver that pairs the settings
 
     launched = study.commands(Path("runs"), [(8, 2)], [0], [])
-    assert len(launched) == 2  # the sweep of BN and BKN's transitions, then BRN with its own schedule
+    assert len(launched) == 3  # BKN with its three transitions, BN, and BRN with its own schedule
     kinds = set()
     for _, command in launched:
         for job in expand_sweep(command[command.index("-m") + 1:]):
@@ -156,13 +176,13 @@ def test_study_runs_bn_and_the_three_bkn_transitions_and_brn_on_digits() -> None
 
 
 @pytest.mark.slow
-def test_make_table3_and_fig4_at_smoke_scale_write_their_results(tmp_path: Path) -> None:
+def test_make_table3_fig4_and_fig8_at_smoke_scale_write_their_results(tmp_path: Path) -> None:
     runs, results = tmp_path / "runs", tmp_path / "results"
-    command = ["make", "table3", "fig4", "SCALE=smoke", f"RUNS_DIR={runs}", f"RESULTS_DIR={results}",
+    command = ["make", "table3", "fig4", "fig8", "SCALE=smoke", f"RUNS_DIR={runs}", f"RESULTS_DIR={results}",
                f"PY={sys.executable}"]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ}, timeout=900)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    for name in ("table3.md", "table3.csv", "fig4.md", "fig4.csv", "fig4.png"):
+    for name in ("table3.md", "table3.csv", "fig4.md", "fig4.csv", "fig4.png", "fig8.md", "fig8.csv", "fig8.png"):
         assert (results / name).stat().st_size > 0, name
-    assert len(list((runs / "table3").glob("*/summary.json"))) == 6
+    assert len(list((runs / "table3").glob("*/summary.json"))) == 8
     assert "missing" not in (results / "fig4.md").read_text()
