@@ -95,9 +95,10 @@ fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 
 paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~10 min on 2 CPU cores)
 
-study: setup  ## the small CPU study (digits; BN, BRN, BKN x 3 transitions; 3 seeds) -> results/study/ (~30 min, 2 cores)
+study: setup  ## the small CPU study (digits; BN, BRN, BKN x 3 transitions; 3 seeds) -> results/study/ (~22 min, 2 cores)
 	$(PY) scripts/study.py $(ARGS)
 	$(PY) scripts/aggregate.py study --scale study --runs-dir runs/study --out-dir results/study
+	$(PY) scripts/prior_fit.py --runs-dir runs/study --out results/study/prior_fit.md
 
 # --- make demo: BN vs BKN at a micro-batch setting on the bundled digits, on a CPU (docs/training.md) ---
 DEMO = experiment_name=demo data=digits model=cifar_net batch.gradient=16 batch.statistics=2 train.epochs=4 \

@@ -21,13 +21,15 @@ from omegaconf import OmegaConf
 
 from bkn.data import build_datasets
 from bkn.models import build_model
-from bkn.nn import set_inference
+import bkn.config
+from bkn.nn import KalmanNorm2d, set_inference
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import aggregate  # noqa: E402  (scripts/ is not a package)
 import fig8_statistics  # noqa: E402
+import prior_fit  # noqa: E402
 from run_records import load_local  # noqa: E402
 
 
@@ -305,3 +307,42 @@ def test_fig8_gaps_match_an_independent_variance_of_the_hooked_layer(tmp_path: P
         torch.testing.assert_close(gaps.normalizing, gaps.sample)
     else:  # BKN normalizes with its Kalman estimate, which mixes in the prediction
         assert not torch.allclose(gaps.normalizing, gaps.sample)
+
+
+def test_prior_fit_ratios_match_an_independent_computation_at_each_bkn_layer(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(SCRIPTS.parent / "configs"), version_base="1.3"):
+        config = compose("config", overrides=["experiment=fig8", "scale=smoke", "normalizer=bkn",
+                                              "data=synthetic", "data.num_classes=10"])
+    statistics_batch_size = config.batch.statistics
+    directory = write_run(tmp_path, "fig8", "cifar_net", "bkn", 0, config=OmegaConf.to_container(config, resolve=True))
+    model = build_model("cifar_net", 10, {"name": "bkn", "statistics_batch_size": statistics_batch_size},
+                        config.data.image_size)
+    (directory / "checkpoints").mkdir()
+    torch.save({"model": model.state_dict()}, directory / "checkpoints" / "last.pt")
+    (run,) = load_local(tmp_path, ["fig8"])
+
+    ratios = prior_fit.layer_ratios(run, batches=1, device=torch.device("cpu"))
+
+    # Independently: each BKN layer's input and prior on the first test batch; the observed variance
+    # of statistics group g (examples g, g + G, ...) straight from torch.var.
+    test = build_datasets("synthetic", image_size=config.data.image_size, num_classes=10).test
+    validated = bkn.config.validate(config)
+    images = torch.stack([test[index][0] for index in range(validated.eval_batch_size)])
+    images = images[: len(images) - len(images) % statistics_batch_size]
+    set_inference(model.eval(), "batch")
+    expected = []
+
+    def record(module, args):
+        if len(args) > 1 and args[1] is not None:
+            x = args[0]
+            grouped = x.reshape(statistics_batch_size, -1, x.shape[1], x[0, 0].numel()).permute(1, 2, 0, 3).flatten(2)
+            observed = grouped.var(dim=2, unbiased=False)
+            expected.append((args[1].var / (observed + module.eps)).median().item())
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, KalmanNorm2d)]
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    assert len(ratios) == len(expected) > 3
+    assert ratios == pytest.approx(expected, rel=1e-4)
