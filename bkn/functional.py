@@ -40,31 +40,34 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
 
 
 class _GroupStats(torch.autograd.Function):
-    """Biased per-channel mean and variance of a grouped view, with a one-pass backward.
+    """Biased per-channel mean and variance of ``x``'s grouped view, with a one-pass backward.
 
     Autograd's own ``var_mean`` backward makes several full-size temporaries; the gradient is
     affine in ``x`` (``dx = x * 2 g_var / n + (g_mean - 2 g_var mean) / n``), so one fused
-    multiply-add suffices.
+    multiply-add suffices. It takes ``x`` itself, not the grouped view, so that the gradient
+    arrives in ``x``'s shape without a view's backward in between.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         # PyTorch's batch-norm statistics kernel: the same biased Welford variance as
         # torch.var_mean, about twice as fast over the (0, 2, 3) dimensions.
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean, var = torch.batch_norm_update_stats(_grouped(x, groups), None, None, 0.0)
         ctx.save_for_backward(x, mean)
+        ctx.groups = groups
         return mean, var
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | None) -> Tensor:
+    def backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | None) -> tuple[Tensor, None]:
         x, mean = ctx.saved_tensors
-        count = x.numel() // x.shape[1]
+        grouped = _grouped(x, ctx.groups)
+        count = grouped.numel() // grouped.shape[1]
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
         slope = 2 * grad_var / count
         offset = grad_mean / count - slope * mean
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(offset.view(shape), x, slope.view(shape))
+        return torch.addcmul(offset.view(shape), grouped, slope.view(shape)).reshape(x.shape), None
 
 
 def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, Tensor]:
@@ -75,7 +78,7 @@ def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, T
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
     with torch.autocast(x.device.type, enabled=False):
-        mean, var = _GroupStats.apply(_grouped(_at_least_float32(x), groups))
+        mean, var = _GroupStats.apply(_at_least_float32(x), groups)
     return mean.view(groups, -1), var.view(groups, -1)
 
 
@@ -84,29 +87,37 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 class _Normalize(torch.autograd.Function):
-    """``weight * (x - mean) / sqrt(var + eps) + bias`` per channel of a grouped view, through
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` per channel of ``x``'s grouped view, through
     PyTorch's fused eval-mode batch-norm kernels, with gradients for the statistics too.
 
     The kernel's backward gives ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)`` in fused passes; the
-    statistics' gradients follow from those two sums.
+    statistics' gradients follow from those two sums. Input and output are in ``x``'s shape, and
+    the output is not a view: a view would turn an in-place activation after the layer (ReLU with
+    ``inplace=True``) into full-size copies in the backward (autograd's CopySlices).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                groups: int) -> Tensor:
         ctx.save_for_backward(x, mean, var, weight)
-        ctx.eps = eps
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.eps, ctx.groups = eps, groups
+        y = torch.batch_norm(_grouped(x, groups), weight, bias, mean, var, False, 0.0, eps,
+                             torch.backends.cudnn.enabled)
+        return y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, mean, var, weight = ctx.saved_tensors
+        grouped = _grouped(x, ctx.groups)
+        grad_grouped = _grouped(grad_out, ctx.groups).contiguous(memory_format=_memory_format(grouped))
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(x)), x, weight, mean, var, None, None, False,
-            ctx.eps, [ctx.needs_input_grad[0], True, True])
+            grad_grouped, grouped, weight, mean, var, None, None, False, ctx.eps,
+            [ctx.needs_input_grad[0], True, True])
         invstd = torch.rsqrt(var + ctx.eps)
         grad_mean = -grad_bias * weight * invstd
         grad_var = -0.5 * grad_weight * weight * invstd * invstd
-        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None
+        grad_x = None if grad_x is None else grad_x.reshape(x.shape)
+        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -126,11 +137,11 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias:
     bias = mean.new_zeros(channels) if bias is None else bias
     per_group = (groups, channels)
     weight, bias = (p.to(mean.dtype).expand(per_group).reshape(-1) for p in (weight, bias))
-    y = _Normalize.apply(_grouped(x, groups), mean.reshape(-1), var.reshape(-1), weight, bias, eps)
+    y = _Normalize.apply(x, mean.reshape(-1), var.reshape(-1), weight, bias, eps, groups)
     if groups == 1:
         return y
     # channels_last input with several groups took a copy in _grouped; hand back x's layout
-    return y.reshape(x.shape).contiguous(memory_format=_memory_format(x))
+    return y.contiguous(memory_format=_memory_format(x))
 
 
 def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_var: Tensor,
