@@ -96,6 +96,32 @@ def test_normalize_matches_the_formula_per_group():
         torch.testing.assert_close(y[g::3], expected)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_in_place_relu_after_grouped_statistics_gives_the_per_group_gradients(memory_format):
+    # The output must not be a view: an in-place op on a view goes through autograd's CopySlices,
+    # correct but full-size copies in the backward (the reason normalize returns a non-view).
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    weight = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    mean, var = BF.group_stats(x, 2)
+    y = BF.normalize(x, mean, var, weight, None, eps=1e-5)
+    assert y._base is None
+    torch.relu_(y).backward(upstream)
+
+    reference_x = x.detach().clone().requires_grad_()
+    reference_weight = weight.detach().clone().requires_grad_()
+    outputs = []
+    for chunk in groups_of(reference_x, 2):  # each group normalized on its own, out of place
+        chunk_mean = chunk.mean(dim=(0, 2, 3), keepdim=True)
+        chunk_var = chunk.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        outputs.append(torch.relu((chunk - chunk_mean) / (chunk_var + 1e-5).sqrt() * reference_weight[:, None, None]))
+    stacked = torch.stack(outputs, dim=1).reshape(x.shape)  # example g + G i sits at (i, g)
+    stacked.backward(upstream)
+    torch.testing.assert_close(y, stacked.detach())
+    torch.testing.assert_close(x.grad, reference_x.grad)
+    torch.testing.assert_close(weight.grad, reference_weight.grad)
+
+
 def test_normalize_keeps_channels_last():
     x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
     y = BF.normalize(x, torch.zeros(2, 6), torch.ones(2, 6), None, None, 1e-5)
