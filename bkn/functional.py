@@ -50,9 +50,15 @@ class _GroupStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-        # PyTorch's batch-norm statistics kernel: the same biased Welford variance as
-        # torch.var_mean, about twice as fast over the (0, 2, 3) dimensions.
-        mean, var = torch.batch_norm_update_stats(_grouped(x, groups), None, None, 0.0)
+        grouped = _grouped(x, groups)
+        if torch.compiler.is_compiling():
+            # The eager kernel below has no fake-tensor (meta) implementation, which torch.compile
+            # needs once shapes are dynamic; the compiler fuses var_mean into one Welford pass.
+            var, mean = torch.var_mean(grouped, dim=[0, *range(2, grouped.dim())], correction=0)
+        else:
+            # PyTorch's batch-norm statistics kernel: the same biased Welford variance as
+            # torch.var_mean, about twice as fast over the (0, 2, 3) dimensions.
+            mean, var = torch.batch_norm_update_stats(grouped, None, None, 0.0)
         ctx.save_for_backward(x, mean)
         ctx.groups = groups
         return mean, var
