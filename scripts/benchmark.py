@@ -263,8 +263,9 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
     # A small rate: random data must not drive any variant into NaNs or denormals, which are slow.
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     eager_step = make_train_step(model, optimizer, inputs, targets, options.amp)
-    step = make_train_step(torch.compile(model), optimizer, inputs, targets, options.amp) if options.compile \
-        else eager_step
+    step = eager_step
+    if options.compile:  # static shapes, as train.py compiles
+        step = make_train_step(torch.compile(model, dynamic=False), optimizer, inputs, targets, options.amp)
     for _ in range(options.warmup):
         step()
     synchronize(device)

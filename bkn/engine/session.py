@@ -149,7 +149,9 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
                                               forward_sync_buffers=False, find_unused_parameters=bool(unused))
         session.model = session.ddp
     if cfg.compile:
-        session.model = torch.compile(session.model)
+        # Static shapes: training batches never change size, and inductor (torch 2.14) failed to
+        # compile a BKN network with symbolic shapes ("cannot determine truth value of Relational").
+        session.model = torch.compile(session.model, dynamic=False)
     return session
 
 
