@@ -162,6 +162,19 @@ def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_v
     return mean, var
 
 
+def normalized_moments(obs_mean: Tensor, obs_var: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                       bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-group mean and variance of ``normalize(x, mean, var, weight, bias)`` for an ``x`` whose
+    group statistics are ``obs_mean``, ``obs_var``: exact, without a pass over ``x``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(var.dtype)
+    out_mean = scale * (obs_mean - mean)
+    if bias is not None:
+        out_mean = out_mean + bias.to(var.dtype)
+    return out_mean, scale * scale * obs_var
+
+
 # --- transitions: predict this layer's statistics from the previous layer's posterior ---------
 # They compute in the dtype of the statistics; callers under autocast switch it off around them.
 

@@ -2,6 +2,7 @@
 hand-written formulas in float64 and finite differences (gradcheck)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -210,18 +211,36 @@ def kalman_reference(x, prior_mean, prior_var, q, weight, bias, eps):
     return y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), post_mean, post_var
 
 
-def test_kalman_norm_matches_the_equations_per_group():
-    layer = N.KalmanNorm2d(4, statistics_batch_size=3, gain=0.3).double()
+@pytest.mark.parametrize("state_from", ["input", "output"])
+def test_kalman_norm_matches_the_equations_per_group(state_from):
+    layer = N.KalmanNorm2d(4, statistics_batch_size=3, gain=0.3, state_from=state_from).double()
     randomize_affine(layer)
     x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2
     prior = N.KalmanState(torch.randn(2, 4, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64) + 0.5)
-    y, posterior = layer(x, prior)
+    y, state = layer(x, prior)
     for g, chunk in enumerate(groups_of(x, 3)):
         expected, post_mean, post_var = kalman_reference(chunk, prior.mean[g], prior.var[g], 0.3,
                                                          layer.weight, layer.bias, layer.eps)
         torch.testing.assert_close(y[g::2], expected)
-        torch.testing.assert_close(posterior.mean[g], post_mean)
-        torch.testing.assert_close(posterior.var[g], post_var)
+        if state_from == "input":  # the posterior estimate of the input's statistics
+            torch.testing.assert_close(state.mean[g], post_mean)
+            torch.testing.assert_close(state.var[g], post_var)
+        else:  # the statistics of the output itself, measured on it
+            torch.testing.assert_close(state.mean[g], expected.mean(dim=(0, 2, 3)))
+            torch.testing.assert_close(state.var[g], expected.var(dim=(0, 2, 3), unbiased=False))
+
+
+def test_linear_transition_without_propagation_predicts_a_learned_constant():
+    layer = N.KalmanNorm2d(3, statistics_batch_size=2, in_features=5, transition="linear", propagate=False)
+    assert not hasattr(layer, "transition_matrix")
+    with torch.no_grad():
+        layer.noise_raw.fill_(0.5)
+    for previous in (N.KalmanState(torch.randn(2, 5), torch.rand(2, 5)), N.KalmanState(torch.randn(2, 5) * 9, torch.ones(2, 5))):
+        prior = layer.predict(previous)
+        torch.testing.assert_close(prior.mean, torch.zeros(2, 3))
+        torch.testing.assert_close(prior.var, torch.full((2, 3), math.log1p(math.exp(0.5))))
+    with pytest.raises(ValueError, match="ablation of the linear transition"):
+        N.KalmanNorm2d(3, propagate=False, transition="analytic")
 
 
 def test_kalman_norm_groups_equal_separate_runs():
@@ -259,7 +278,7 @@ def test_predictions_are_per_group(transition):
 
 
 def test_fallback_uses_the_observation_when_the_prediction_is_far_too_wide():
-    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.1, fallback_ratio=100.0)
+    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.1, fallback_ratio=100.0, state_from="input")
     x = torch.randn(4, 3, 4, 4)
     obs_mean, obs_var = BF.group_stats(x, 2)
     prior = N.KalmanState(torch.zeros(2, 3), torch.stack([obs_var[0] * 1000, obs_var[1] * 2]))
@@ -345,8 +364,8 @@ def test_bad_input_raises_one_clear_error():
         layer(torch.randn(4, 4, 2, 2), N.KalmanState(torch.zeros(1, 4), torch.ones(1, 4)))
     with pytest.raises(ValueError, match="expects \\[4\\]-D input"):
         N.BatchNorm2d(4)(torch.randn(2, 4))
-    with pytest.raises(ValueError, match="unknown normalizer 'gn'"):
-        N.build_norm("gn", 4)
+    with pytest.raises(ValueError, match="unknown normalizer 'ln'"):
+        N.build_norm("ln", 4)
     with pytest.raises(ValueError, match="normalizer 'bn' has no option 'gain'"):
         N.build_norm("bn", 4, gain=0.5)
     with pytest.raises(ValueError, match="transition must be"):
@@ -408,3 +427,44 @@ def test_torch_compile_matches_eager(transition):
     if transition != "monte_carlo":  # compiled RNG streams differ from eager ones
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(got).all()
+
+
+# --- GroupNorm: PyTorch's own GroupNorm is the reference --------------------------------------
+
+@pytest.mark.parametrize("channels, requested, used", [(64, 32, 32), (16, 32, 16), (48, 32, 24), (6, 4, 3)])
+def test_group_norm_equals_torch_group_norm(channels, requested, used):
+    torch.manual_seed(0)
+    ours = N.build_norm("gn", channels, statistics_batch_size=2, num_groups=requested)
+    assert ours.num_groups == used
+    reference = torch.nn.GroupNorm(used, channels)
+    with torch.no_grad():
+        for layer in (ours, reference):
+            layer.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            layer.bias.copy_(torch.linspace(-1, 1, channels))
+    x = torch.randn(4, channels, 5, 5, dtype=torch.float64) * 3 + 1
+    x_ours, x_reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours.double(), reference.double()
+    out_ours, out_reference = ours(x_ours), reference(x_reference)
+    torch.testing.assert_close(out_ours, out_reference, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out_ours)
+    out_ours.backward(grad), out_reference.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_reference.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=0, atol=1e-10)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(ours.state_dict())  # loads both ways: the same names and shapes
+
+
+def test_group_norm_ignores_statistics_groups_and_inference():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 3, 3)
+    layer = N.build_norm("gn", 8, statistics_batch_size=1, num_groups=4)
+    train_out = layer(x)
+    N.set_inference(layer, "batch")
+    layer.eval()
+    torch.testing.assert_close(layer(x), train_out, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x[:1]), train_out[:1], rtol=0, atol=0)  # per example: any batch
+    with pytest.raises(ValueError, match=r"built for \(N, 8, H, W\) input, got shape \(4, 5, 3, 3\)"):
+        layer(torch.randn(4, 5, 3, 3))
+    with pytest.raises(ValueError, match="normalizer 'gn' has no option 'gain'"):
+        N.build_norm("gn", 8, gain=0.5)

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from bkn.nn import ConvNormAct, KalmanNorm2d, NormSpec, State, apply_norm, build_norm, concat_states
+from bkn.nn import NORMALIZERS, ConvNormAct, KalmanNorm2d, NormSpec, State, apply_norm, build_norm, concat_states
 
 
 class NormAct(nn.Module):
@@ -38,9 +38,10 @@ def build_transition(channels: int, in_channels: int, norm: NormSpec) -> KalmanN
     parameters and no running statistics, so only the linear transition's ``A`` is learned.
     ``None`` for BN / BRN.
     """
-    predictor = build_norm(num_features=channels, in_features=in_channels,
-                           **{**norm, "affine": False, "track_running_stats": False})
-    return predictor if isinstance(predictor, KalmanNorm2d) else None
+    if not getattr(NORMALIZERS.get(norm["name"]), "carries_state", False):
+        return None
+    return build_norm(num_features=channels, in_features=in_channels,
+                      **{**norm, "affine": False, "track_running_stats": False})
 
 
 class Branch(nn.Module):

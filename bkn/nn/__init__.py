@@ -1,4 +1,4 @@
-"""Normalization layers with statistics groups (BN, BRN, BKN), their factory, and ConvNormAct."""
+"""Normalization layers with statistics groups (BN, BRN, BKN), GroupNorm, their factory, and ConvNormAct."""
 
 from bkn.nn.blocks import ConvNormAct, NormSpec, apply_norm
 from bkn.nn.norms import (
@@ -9,6 +9,7 @@ from bkn.nn.norms import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    GroupNorm2d,
     KalmanNorm2d,
     build_norm,
     set_inference,
@@ -18,6 +19,6 @@ from bkn.nn.state import KalmanState, State, add_states, concat_states, pad_chan
 
 __all__ = [
     "NORMALIZERS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
-    "BatchRenorm3d", "ConvNormAct", "KalmanNorm2d", "KalmanState", "NormSpec", "State", "add_states",
+    "BatchRenorm3d", "ConvNormAct", "GroupNorm2d", "KalmanNorm2d", "KalmanState", "NormSpec", "State", "add_states",
     "apply_norm", "build_norm", "concat_states", "pad_channels", "set_inference", "set_step",
 ]

@@ -1,6 +1,7 @@
-"""BN, BRN and BKN layers with statistics groups, and ``build_norm``, the factory models use.
+"""BN, BRN and BKN layers with statistics groups, GroupNorm beside them, and ``build_norm``, the
+factory models use.
 
-Every layer splits the device batch into groups of ``statistics_batch_size`` examples
+Every BN, BRN and BKN layer splits the device batch into groups of ``statistics_batch_size`` examples
 (None: one group, ordinary BN) and gets its statistics from :func:`bkn.functional.group_stats`.
 In eval mode a layer normalizes with its running ("population") statistics — the paper's
 inference option B — or, with ``inference="batch"``, with the test batch's own per-group
@@ -21,6 +22,7 @@ from bkn.nn.state import KalmanState, State
 
 Inference = Literal["population", "batch"]
 Transition = Literal["linear", "monte_carlo", "analytic"]
+StateFrom = Literal["output", "input"]
 
 
 class _GroupedNorm(nn.Module):
@@ -192,6 +194,17 @@ class KalmanNorm2d(_GroupedNorm):
     ``p = 1 - q``: 0.9 for micro-batches, 0.05 for large ones); ``q = 1`` is exactly BN. With
     ``fallback``, a group whose predicted variance is ``fallback_ratio`` times its observed one on
     average falls back to its observation, as in the authors' code.
+
+    ``state_from`` says what the returned state describes, i.e. what the next layer predicts from:
+    ``"output"`` (default), the statistics of this layer's output ``weight * x_hat + bias`` — what
+    the next conv really sees — or ``"input"``, its estimate of its input's statistics, as the
+    authors' code passes on. In a residual network the input's variance grows with depth while the
+    next conv sees normalized activations, so ``"input"`` predicts variances 10-200x too large in
+    the deep layers of the pre-activation ResNet-32 (results/study/README.md).
+
+    ``propagate=False`` (linear transition only) is an ablation: the prior no longer depends on the
+    previous layer — mean 0 and the learned variance ``r`` — so BKN only shrinks each group's
+    statistics toward a learned prior.
     """
 
     carries_state = True
@@ -199,9 +212,14 @@ class KalmanNorm2d(_GroupedNorm):
     def __init__(self, num_features: int, statistics_batch_size: int | None = None, *,
                  in_features: int | None = None, transition: Transition = "analytic", gain: float = 0.1,
                  learn_gain: bool = False, fallback: bool = True, fallback_ratio: float = 100.0,
-                 monte_carlo_size: int = 8, **kwargs: Any) -> None:
+                 monte_carlo_size: int = 8, state_from: StateFrom = "output", propagate: bool = True,
+                 **kwargs: Any) -> None:
         if transition not in ("linear", "monte_carlo", "analytic"):
             raise ValueError(f"transition must be 'linear', 'monte_carlo' or 'analytic', got {transition!r}")
+        if state_from not in ("output", "input"):
+            raise ValueError(f"state_from must be 'output' or 'input' (the authors' code), got {state_from!r}")
+        if not propagate and transition != "linear":
+            raise ValueError("propagate=false is an ablation of the linear transition; use transition=linear")
         if not 0.0 <= gain <= 1.0 or (learn_gain and gain in (0.0, 1.0)):
             raise ValueError(f"gain must lie in [0, 1] (in (0, 1) with learn_gain=true), got {gain}")
         if monte_carlo_size < 1:
@@ -211,12 +229,14 @@ class KalmanNorm2d(_GroupedNorm):
         self.initial_gain, self.learn_gain = gain, learn_gain
         self.fallback, self.fallback_ratio = fallback, fallback_ratio
         self.monte_carlo_size = monte_carlo_size
+        self.state_from, self.propagate = state_from, propagate
         if learn_gain:
             self.gain_logit = nn.Parameter(torch.empty(()))
         else:  # a hyper-parameter, not state: not saved, so a config change is not overridden
             self.register_buffer("gain", torch.empty(()), persistent=False)
         if transition == "linear" and in_features is not None:
-            self.transition_matrix = nn.Parameter(torch.empty(num_features, in_features))
+            if propagate:
+                self.transition_matrix = nn.Parameter(torch.empty(num_features, in_features))
             self.noise_raw = nn.Parameter(torch.empty(()))
         self.reset_parameters()
 
@@ -229,15 +249,17 @@ class KalmanNorm2d(_GroupedNorm):
                 self.gain_logit.fill_(math.log(self.initial_gain / (1 - self.initial_gain)))
             else:
                 self.gain.fill_(self.initial_gain)
-            if hasattr(self, "transition_matrix"):
+            if hasattr(self, "noise_raw"):
                 # A = 0 and r = 1: the first prediction is a standard normal, and the filter
                 # learns how much of the previous layer to carry over.
-                self.transition_matrix.zero_()
+                if self.propagate:
+                    self.transition_matrix.zero_()
                 self.noise_raw.fill_(math.log(math.e - 1))  # softplus(noise_raw) = 1
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", in_features={self.in_features}, transition={self.transition!r}, "
-                f"gain={self.initial_gain}, learn_gain={self.learn_gain}, fallback={self.fallback}")
+                f"gain={self.initial_gain}, learn_gain={self.learn_gain}, fallback={self.fallback}, "
+                f"state_from={self.state_from!r}" + ("" if self.propagate else ", propagate=False"))
 
     def current_gain(self) -> Tensor:
         return torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
@@ -246,10 +268,14 @@ class KalmanNorm2d(_GroupedNorm):
         """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
         if previous is None or (conv is None and self.transition != "linear"):
             return previous
-        if self.transition == "linear" and not hasattr(self, "transition_matrix"):
+        if self.transition == "linear" and not hasattr(self, "noise_raw"):
             raise ValueError("KalmanNorm2d(transition='linear') needs in_features, the previous layer's channels")
         with torch.autocast(previous.mean.device.type, enabled=False):  # statistics stay float32
-            if self.transition == "linear":
+            if not self.propagate:
+                noise = nn.functional.softplus(self.noise_raw).to(previous.mean.dtype)
+                shape = (previous.mean.shape[0], self.num_features)
+                mean, var = previous.mean.new_zeros(shape), noise.expand(shape)
+            elif self.transition == "linear":
                 mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix,
                                                  nn.functional.softplus(self.noise_raw))
             elif self.transition == "analytic":
@@ -262,7 +288,8 @@ class KalmanNorm2d(_GroupedNorm):
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x), None
-        mean, var = BF.group_stats(x, self.statistics_batch_size)
+        obs_mean, obs_var = BF.group_stats(x, self.statistics_batch_size)
+        mean, var = obs_mean, obs_var
         if prior is not None:
             if prior.mean.shape != mean.shape or prior.var.shape != var.shape:
                 raise ValueError(f"KalmanNorm2d got a prior of shape {tuple(prior.mean.shape)} but its statistics "
@@ -279,7 +306,10 @@ class KalmanNorm2d(_GroupedNorm):
                 post_var = torch.where(trust_observation, var, post_var)
             mean, var = post_mean, post_var.clamp_min(0)
         self._update_running_stats(mean, var, x)
-        return BF.normalize(x, mean, var, self.weight, self.bias, self.eps), KalmanState(mean, var)
+        y = BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        if self.state_from == "input":
+            return y, KalmanState(mean, var)
+        return y, KalmanState(*BF.normalized_moments(obs_mean, obs_var, mean, var, self.weight, self.bias, self.eps))
 
 
 class BatchNorm1d(BatchNorm2d):
@@ -306,11 +336,50 @@ class BatchRenorm3d(BatchRenorm2d):
     spatial_dims = (3,)
 
 
-NORMALIZERS: dict[str, type[_GroupedNorm]] = {"bn": BatchNorm2d, "brn": BatchRenorm2d, "bkn": KalmanNorm2d}
+class GroupNorm2d(nn.Module):
+    """GroupNorm (Wu & He 2018) through PyTorch's own kernel, with the interface of the layers above.
+
+    Its statistics are per example (over channel groups and positions), so ``statistics_batch_size``
+    is accepted and ignored, and training, option A and option B compute the same thing. The
+    state_dict is ``torch.nn.GroupNorm``'s (``weight``, ``bias``). A layer whose channels
+    ``num_groups`` does not divide uses the largest divisor of its channels below ``num_groups``
+    (16 channels with ``num_groups=32``: 16 groups; 48 channels: 24), so every model takes it.
+    """
+
+    carries_state = False
+
+    def __init__(self, num_features: int, statistics_batch_size: int | None = None, *, num_groups: int = 32,
+                 eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        if num_groups < 1:
+            raise ValueError(f"GroupNorm2d needs num_groups >= 1, got {num_groups}")
+        self.num_features = num_features
+        self.statistics_batch_size = statistics_batch_size  # kept for the same interface; unused
+        self.requested_groups = num_groups
+        self.num_groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
+        self.eps, self.affine = eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"GroupNorm2d was built for (N, {self.num_features}, H, W) input, got shape {tuple(x.shape)}")
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def build_norm(name: str, num_features: int, in_features: int | None = None, **options: Any) -> _GroupedNorm:
-    """Build a 2-D normalizer by name (``bn``, ``brn``, ``bkn``); unknown names or options raise.
+NORMALIZERS: dict[str, type[nn.Module]] = {"bn": BatchNorm2d, "brn": BatchRenorm2d, "bkn": KalmanNorm2d,
+                                           "gn": GroupNorm2d}
+
+
+def build_norm(name: str, num_features: int, in_features: int | None = None, **options: Any) -> nn.Module:
+    """Build a 2-D normalizer by name (``bn``, ``brn``, ``bkn``, ``gn``); unknown names or options raise.
 
     ``in_features`` (the channels entering the conv before this layer) is used by BKN's linear
     transition and ignored by the others, so models can pass it unconditionally.
