@@ -22,15 +22,20 @@ def shift_padding(image_size: int) -> int:
 
 
 def tensor_transform(
-    mean: Sequence[float], std: Sequence[float], *, image_size: int, augment: bool, flip: bool
+    mean: Sequence[float], std: Sequence[float], *, image_size: int, augment: bool, flip: bool,
+    noise_std: float = 0.0,
 ) -> v2.Compose:
-    """``(C, H, W)`` uint8 or [0, 1] float image → normalized float32, optionally shifted and flipped."""
+    """``(C, H, W)`` uint8 or [0, 1] float image → normalized float32, optionally shifted and
+    flipped, and with fresh Gaussian pixel noise of ``noise_std`` (in [0, 1] units) on every draw."""
     steps: list[v2.Transform] = []
     if augment:
         steps.append(v2.RandomCrop(image_size, padding=shift_padding(image_size)))
         if flip:
             steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if noise_std:
+        steps.append(v2.GaussianNoise(sigma=noise_std, clip=False))
+    steps.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(steps)
 
 
