@@ -7,7 +7,6 @@ and nowhere else; a run with no record shows as "missing", never as a number.
 
     python scripts/aggregate.py table1 fig3 --scale smoke            # reads runs/smoke/<experiment>/
     python scripts/aggregate.py all --scale paper --wandb me/bkn       # pulls the runs from W&B
-    python scripts/aggregate.py study --runs-dir runs/study --out-dir results/study
 
 Figure baselines ("BN at (256, 32)") are table1's BN runs, as in the paper: figures 3 and 5-7
 compare against the very runs of Table 1. Fig. 8 needs the trained models: scripts/fig8_statistics.py.
@@ -131,13 +130,14 @@ class Layout:
     comparisons: tuple[Comparison, ...] = ()
     notes: tuple[str, ...] = ()  # the paper's claims that carry no number
     curves: tuple[str, ...] = ()  # inference options drawn as top-1-vs-step panels; () = no figure
-    panel_by: str = "model"  # the row attribute that splits a figure into panels
 
 
 MODEL_NAMES = {"inception_v2": "InceptionV2", "resnet101": "ResNet101", "cifar_net": "CIFAR net"}
-NORMALIZER_NAMES = {"bn": "BN", "brn": "BRN", "bkn": "BKN"}
+NORMALIZER_NAMES = {"bn": "BN", "brn": "BRN", "bkn": "BKN", "gn": "GN (ours, not in the paper)"}
 IMAGENET_MODELS = ("inception_v2", "resnet101")
-ALL_NORMALIZERS = ("bn", "brn", "bkn")
+ALL_NORMALIZERS = ("bn", "brn", "bkn", "gn")  # figures 3-7; GN is our addition, so it has no paper values
+# GN's statistics are per example: its option A (batch statistics) is its option B.
+SAME_AS_POPULATION = "= option B (GN: per-example statistics)"
 
 
 def _rows(experiment: str, models: Sequence[str], normalizers: Sequence[str], paper_setting: str) -> tuple[Row, ...]:
@@ -270,6 +270,9 @@ def row_cells(layout: Layout, runs_by_row: Mapping[str, list[Run]]) -> dict[tupl
                      if run.finished and (top1 := run.final("population")) is not None]
         bn_top1 = statistics.fmean(bn_finals) if bn_finals else None
         for metric in layout.metrics:
+            if metric == "top1_batch" and row.match.get("normalizer") == "gn":
+                cells[row.key, metric] = Cell(missing=SAME_AS_POPULATION)
+                continue
             values = [value for run in finished if (value := _run_value(run, metric, bn_top1)) is not None]
             unfilled = "not reached" if metric == "steps_to_bn_top1" else "not recorded"
             cells[row.key, metric] = Cell(values, missing if not finished else unfilled)
@@ -318,7 +321,7 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
                 command: str) -> dict[str, list[Run]]:
     """Write ``<experiment>.md`` and ``<experiment>.csv``; return the runs of each row.
 
-    A layout without paper values (the CPU study) gets no paper columns."""
+    A layout without paper values gets no paper columns."""
     runs_by_row = {row.key: [run for run in runs if run.experiment == row.experiment and matches(run, row.match)]
                    for row in layout.rows}
     cells = row_cells(layout, runs_by_row)
@@ -364,16 +367,12 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
     return runs_by_row
 
 
-def _panel_title(layout: Layout, value: Any) -> str:
-    return MODEL_NAMES.get(value, str(value)) if layout.panel_by == "model" else f"setting {tuple(value)}"
-
-
 def write_figure(experiment: str, layout: Layout, runs_by_row: Mapping[str, list[Run]], scale: str,
                  out_dir: Path) -> None:
-    """Write ``<experiment>.png``: one panel per model (or setting) and inference option, one curve per row."""
+    """Write ``<experiment>.png``: one panel per model and inference option, one curve per row."""
     panels = []
-    for group in dict.fromkeys(row.match[layout.panel_by] for row in layout.rows):
-        rows = [row for row in layout.rows if row.match[layout.panel_by] == group]
+    for model in dict.fromkeys(row.match["model"] for row in layout.rows):
+        rows = [row for row in layout.rows if row.match["model"] == model]
         keys = {row.key for row in rows}
         for inference in layout.curves:
             metric = f"top1_{inference}"
@@ -383,50 +382,32 @@ def write_figure(experiment: str, layout: Layout, runs_by_row: Mapping[str, list
                       for row in rows]
             claims = [f"{c.label}: {paper:+.2f}" for c in layout.comparisons
                       if c.a in keys and (paper := _paper(experiment, c.key, metric)) is not None]
-            title = f"{_panel_title(layout, group)}, {plots.INFERENCE_TITLES[inference]}"
+            title = f"{MODEL_NAMES.get(model, model)}, {plots.INFERENCE_TITLES[inference]}"
             panels.append(plots.Panel(title, curves, claims))
-    suffix = "" if scale == "study" else f" (scale {scale})"
+    suffix = f" (scale {scale})"
     columns = len(layout.curves) if len(layout.curves) > 1 else len(panels)
     plots.plot_panels(panels, f"{experiment}: {layout.title}{suffix}", out_dir / f"{experiment}.png", columns)
 
 
-def study_layout(runs: list[Run]) -> Layout:
-    """The small CPU study's table: one row per (setting, normalizer, transition) found in its runs."""
-    rows = []
-    for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
-        kinds = sorted({(run.summary["normalizer"], run.summary.get("transition")) for run in runs
-                        if run.setting == setting}, key=lambda k: (ALL_NORMALIZERS.index(k[0]), str(k[1])))
-        for normalizer, transition in kinds:
-            name = NORMALIZER_NAMES[normalizer] + (f" ({transition})" if normalizer == "bkn" else "")
-            rows.append(Row(f"{setting[0]},{setting[1]}/{normalizer}/{transition}", name, "study",
-                            {"setting": setting, "normalizer": normalizer, "transition": transition}, "—"))
-    return Layout("BN vs BRN vs BKN on the digits data set, micro-batch settings against a large-batch baseline",
-                  tuple(rows), ("top1_batch", "top1_population"), curves=("batch", "population"), panel_by="setting")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("ids", nargs="+", help=f"table/figure ids ({', '.join(LAYOUTS)}), 'all', or 'study'")
+    parser.add_argument("ids", nargs="+", help=f"table/figure ids ({', '.join(LAYOUTS)}) or 'all'")
     parser.add_argument("--scale", default="smoke", help="which scale's runs (default smoke); names the output folder")
     parser.add_argument("--runs-dir", type=Path, help="folder of run records (default runs/<scale>)")
     parser.add_argument("--out-dir", type=Path, help="where to write (default results/<scale>)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="pull the runs from this W&B project instead")
     args = parser.parse_args(argv)
     ids = list(LAYOUTS) if args.ids == ["all"] else args.ids
-    unknown = [i for i in ids if i not in LAYOUTS and i != "study"]
+    unknown = [i for i in ids if i not in LAYOUTS]
     if unknown:
-        parser.error(f"unknown id {unknown[0]!r}; choose from {', '.join(LAYOUTS)}, all, study "
-                     "(fig8 is drawn by scripts/fig8_statistics.py)")
+        parser.error(f"unknown id {unknown[0]!r}; choose from {', '.join(LAYOUTS)}, all "
+                     "(fig8 is drawn by scripts/fig8_statistics.py, the CPU study by scripts/study_report.py)")
     runs_dir = args.runs_dir or Path("runs") / args.scale
     out_dir = args.out_dir or Path("results") / args.scale
-    experiments = sorted({row.experiment for i in ids if i in LAYOUTS for row in LAYOUTS[i].rows}
-                         | ({"study"} if "study" in ids else set()))
+    experiments = sorted({row.experiment for i in ids for row in LAYOUTS[i].rows})
     runs = load_wandb(args.wandb, experiments) if args.wandb else load_local(runs_dir, experiments)
     for experiment in ids:
-        if experiment == "study":
-            layout, command = study_layout([run for run in runs if run.experiment == "study"]), "make study"
-        else:
-            layout, command = LAYOUTS[experiment], f"make {experiment} SCALE={args.scale}"
+        layout, command = LAYOUTS[experiment], f"make {experiment} SCALE={args.scale}"
         runs_by_row = write_table(experiment, layout, runs, args.scale, out_dir, command)
         if layout.curves:
             write_figure(experiment, layout, runs_by_row, args.scale, out_dir)

@@ -18,9 +18,11 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-COLORS = {"bn": "tab:blue", "brn": "tab:orange", "bkn": "tab:green"}
+COLORS = {"bn": "tab:blue", "brn": "tab:orange", "bkn": "tab:green", "gn": "tab:purple"}
 # BKN's transitions, for the study that compares them: shades of BKN's green.
-TRANSITION_COLORS = {"analytic": "tab:green", "monte_carlo": "darkgreen", "linear": "yellowgreen"}
+TRANSITION_COLORS = {"analytic": "tab:green", "monte_carlo": "darkgreen", "linear": "yellowgreen",
+                     "linear-no_propagation": "olive", "linear-learned_gain": "lime",
+                     "analytic-state_input": "tab:red", "monte_carlo-state_input": "darkred"}
 INFERENCE_TITLES = {"population": "population statistics (option B)", "batch": "batch statistics (option A)"}
 
 

@@ -6,7 +6,7 @@ off by about the same factor. For every finished BKN run in the run records this
 checkpoint, runs test batches through it in training-style grouping (inference option A) and, at
 every BKN layer that receives a prior, compares the prior's variance with the variance observed in
 the same statistics group: the ratio ``prior variance / observed variance`` per group and channel.
-It reports, per (setting, transition), the median ratio over layers (each layer's median over
+It reports, per (setting, BKN variant), the median ratio over layers (each layer's median over
 groups and channels, then the median over seeds) and how many layers have a median ratio outside
 [1/2, 2]. It never trains.
 
@@ -67,15 +67,15 @@ def layer_ratios(run: Run, batches: int, device: torch.device) -> list[float]:
 
 
 def summarize(runs: Sequence[Run], batches: int, device: torch.device) -> list[dict]:
-    """One row per (setting, transition): the median over seeds of each run's statistics."""
+    """One row per (setting, BKN variant): the median over seeds of each run's statistics."""
     groups: dict[tuple, list[list[float]]] = defaultdict(list)
     for run in runs:
         if run.finished and run.summary.get("normalizer") == "bkn":
-            groups[run.setting, run.summary.get("transition")].append(layer_ratios(run, batches, device))
+            groups[run.setting, run.variant].append(layer_ratios(run, batches, device))
     rows = []
-    for (setting, transition), per_seed in sorted(groups.items(), key=lambda item: (-item[0][0][0], item[0][1])):
+    for (setting, variant), per_seed in sorted(groups.items(), key=lambda item: (-item[0][0][0], item[0][1])):
         rows.append({
-            "setting": setting, "transition": transition, "seeds": len(per_seed), "layers": len(per_seed[0]),
+            "setting": setting, "variant": variant, "seeds": len(per_seed), "layers": len(per_seed[0]),
             "median": statistics.median(statistics.median(ratios) for ratios in per_seed),
             "lowest": statistics.median(min(ratios) for ratios in per_seed),
             "highest": statistics.median(max(ratios) for ratios in per_seed),
@@ -89,10 +89,10 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> None:
              "Per BKN layer that receives a prior: the median over test statistics groups and channels of "
              "`prior variance / observed variance` (1 = the prediction matches the observation). Each "
              "column is the median over seeds of that statistic across the network's layers.", "",
-             "| setting | transition | seeds | layers | median ratio | lowest layer | highest layer "
+             "| setting | BKN variant | seeds | layers | median ratio | lowest layer | highest layer "
              f"| layers beyond {FAR:g}x either way |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| ({row['setting'][0]}, {row['setting'][1]}) | {row['transition']} | {row['seeds']} "
+        lines.append(f"| ({row['setting'][0]}, {row['setting'][1]}) | {row['variant']} | {row['seeds']} "
                      f"| {row['layers']} | {row['median']:.3g} | {row['lowest']:.3g} | {row['highest']:.3g} "
                      f"| {row['far']:g} |")
     lines += ["", f"Regenerate: `{command}`"]

@@ -32,6 +32,7 @@ class Run:
     config: dict[str, Any]
     evals: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl lines of kind "eval"
     directory: Path | None = None  # None for a run pulled from W&B
+    trains: list[dict[str, Any]] = field(default_factory=list)  # the lines of kind "train" (local runs only)
 
     @property
     def status(self) -> str:
@@ -56,6 +57,27 @@ class Run:
         points = {int(line["step"]): float(line[metric]) for line in self.evals
                   if line.get("inference") == inference and line.get(metric) is not None}
         return sorted(points.items())
+
+    @property
+    def variant(self) -> str:
+        """The normalizer as the study names it: ``bn``, ``gn``, ``bkn-analytic``, with BKN's
+        non-default options appended (``bkn-linear-no_propagation``, ``-learned_gain``, ``-state_input``)."""
+        normalizer = self.config.get("normalizer") or {}
+        name = str(self.summary.get("normalizer") or normalizer.get("name"))
+        if name != "bkn":
+            return name
+        label = f"bkn-{normalizer.get('transition', self.summary.get('transition'))}"
+        if normalizer.get("propagate") is False:
+            label += "-no_propagation"
+        if normalizer.get("learn_gain"):
+            label += "-learned_gain"
+        if normalizer.get("state_from") == "input":
+            label += "-state_input"
+        return label
+
+    def train_losses(self) -> list[tuple[int, float]]:
+        """``(step, training loss)`` of every logged training line that has a finite loss."""
+        return [(int(line["step"]), float(line["loss"])) for line in self.trains if line.get("loss") is not None]
 
     def attributes(self) -> dict[str, Any]:
         """What table rows select runs by (see ``aggregate.Row.match``)."""
@@ -98,9 +120,11 @@ def load_run(directory: Path) -> Run:
     summary = json.loads((directory / "summary.json").read_text())
     config_path = directory / "config.yaml"
     config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
-    evals = [line for line in _read_jsonl(directory / "metrics.jsonl") if line.get("kind") == "eval"]
+    lines = _read_jsonl(directory / "metrics.jsonl")
+    evals = [line for line in lines if line.get("kind") == "eval"]
+    trains = [line for line in lines if line.get("kind") == "train"]
     experiment = summary.get("experiment") or directory.parent.name
-    return Run(experiment, summary.get("run") or directory.name, summary, config, evals, directory)
+    return Run(experiment, summary.get("run") or directory.name, summary, config, evals, directory, trains)
 
 
 def load_local(runs_dir: Path, experiments: Iterable[str]) -> list[Run]:

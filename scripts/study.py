@@ -1,91 +1,184 @@
-"""Run the small CPU study behind results/study/ (configs/experiment/study.yaml): BN, BRN and BKN
-with each transition on the digits data set, at micro-batch settings and a large-batch baseline,
-several seeds; every run is evaluated with batch and with population statistics.
+"""Run the CPU study behind results/study/: BN, BRN, GN and BKN (each transition, two ablations) on
+scikit-learn's digits, trained to convergence at micro-batch settings and a large-batch baseline.
 
-A setting pairs a gradient and a statistics batch size, which one Hydra sweep cannot pair, so
-this script launches ``train.py -m experiment=study`` per setting (and seed, for BKN's three
-transitions), ``--workers`` at a time with one thread each: on a 2-core machine two one-thread processes finish sooner than one
-two-thread process, and far sooner when anything else runs. ``resume=auto`` skips finished runs,
-so an interrupted study continues where it stopped. Then ``make study`` writes results/study/.
+The study is split into parts that run separately (``make study PART=<name>``), each sized to
+finish from empty run records in about 75 minutes on a 2-core CPU (two one-thread runs at a time):
 
-    python scripts/study.py                   # runs/study/study/<run>/, logs in runs/study/logs/
+    quick     a first look in ~10 minutes: (32, 2), 10 epochs, one seed (its own experiment)
+    baseline  the large-batch baseline (64, 64): every normalizer, 5 seeds
+    g32_s2    (32, 2): every normalizer and both ablations, 3 seeds
+    g16_s1    (16, 1): every normalizer and both ablations, 3 seeds
+    g8_s2     (8, 2): every normalizer, 3 seeds
+    hard      the harder variant (configs/data/digits_hard.yaml) at (64, 64) and (16, 1)
+    state     why the analytic transition stalled: what BKN passes on (state_from), at (32, 1) and (16, 1)
+
+Every run of a part sees the same examples (``epochs`` of the training set) whatever its
+gradient batch, so the settings differ in their number of steps. What follows from a setting:
+
+- learning rate: the linear scaling rule, ``0.1 x gradient / 64``; cosine decay to zero after a
+  one-epoch linear warm-up;
+- BKN's gain q as the authors' code sets p = 1 - q: q = 0.1 for statistics groups below 32
+  examples, q = 0.95 from 32 up;
+- BRN: plain BN for the first 5% of the examples, then r_max / d_max relax over the next 40%;
+- an evaluation (both inference options) after every epoch.
+
+Each run is one ``train.py`` process with an explicit ``run_name``, so the run folders do not
+depend on how train.py names runs. Finished runs (status ``finished`` in summary.json) are
+skipped without starting a process; a stopped one resumes from its checkpoint (``resume=auto``).
+Each invocation appends its wall time to ``<runs-dir>/logs/<part>/wall_times.jsonl``; then
+``scripts/study_report.py`` (``make study`` runs it) writes results/study/.
+
+    python scripts/study.py baseline                 # runs/study/study/<run>/, logs in runs/study/logs/baseline/
+    python scripts/study.py g32_s2 --dry-run         # print the commands of what is still to run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ((64, 64), (32, 2), (16, 1), (8, 2))  # (gradient, statistics); the first is the baseline
-SEEDS = (0, 1, 2)
-# Every run sees the same number of examples (study.yaml: train.epochs), so the settings differ in
-# their number of steps; these rules, in examples, scale with the gradient batch of each setting.
+
 BASE_LR, BASE_BATCH = 0.1, 64  # the linear scaling rule: lr = 0.1 x gradient / 64
-EVAL_EVERY_EXAMPLES = 640  # about 7 evaluations per run
-BRN_WARMUP_EXAMPLES, BRN_RELAX_EXAMPLES = 500, 2000  # BRN's 5k / 40k steps, shrunk to these short runs
-# BKN's gain q, as the authors' code sets p = 1 - q: 0.9 for micro-batches, 0.05 for large batches.
 MICRO_BATCH_GAIN, LARGE_BATCH_GAIN = 0.1, 0.95
-LARGE_STATISTICS = 32  # statistics batches from this size up count as large
+LARGE_STATISTICS = 32  # statistics groups from this size up count as large
+BRN_WARMUP_FRACTION, BRN_RELAX_FRACTION = 0.05, 0.40
+TRAIN_EXAMPLES = {"digits": 1437, "digits_hard": 500}  # training-set sizes (configs/data/)
+
+# Normalizer variants: Hydra overrides; BKN's gain and BRN's schedule are added per setting.
+CORE = {
+    "bn": ["normalizer=bn"],
+    "brn": ["normalizer=brn"],
+    "gn": ["normalizer=gn"],
+    "bkn-linear": ["normalizer=bkn_linear"],
+    "bkn-monte_carlo": ["normalizer=bkn_monte_carlo"],
+    "bkn-analytic": ["normalizer=bkn_analytic"],
+}
+ABLATIONS = {
+    # Shrinkage toward a learned prior, without propagation from the previous layer (A frozen at 0).
+    "bkn-linear-no_propagation": ["normalizer=bkn_linear", "normalizer.propagate=false"],
+    # The paper's BKN: the linear transition and a learned gain q.
+    "bkn-linear-learned_gain": ["normalizer=bkn_linear", "normalizer.learn_gain=true"],
+}
+STATE = {
+    f"bkn-{transition}-state_{state}": [f"normalizer=bkn_{transition}", f"normalizer.state_from={state}"]
+    for transition in ("analytic", "monte_carlo") for state in ("input", "output")
+}
+HARD = {name: CORE[name] for name in ("bn", "brn", "gn", "bkn-linear", "bkn-analytic")}
 
 
-def commands(runs_dir: Path, settings: Sequence[tuple[int, int]], seeds: Sequence[int],
-             extra: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """(log name, command) of every ``train.py`` sweep of the study, the costliest first."""
-    launched = []
-    all_seeds = f"seed={','.join(map(str, seeds))}"
-    for gradient, statistics in sorted(settings, reverse=True):
-        name = f"g{gradient}_s{statistics}"
-        base = [sys.executable, "train.py", "-m", "experiment=study", f"out_dir={runs_dir}", "resume=auto",
-                f"batch.gradient={gradient}", f"batch.statistics={statistics}", f"batch.per_device={gradient}",
-                f"optim.lr={BASE_LR * gradient / BASE_BATCH:g}", f"eval.every={max(1, EVAL_EVERY_EXAMPLES // gradient)}"]
+@dataclass(frozen=True)
+class Part:
+    experiment: str  # experiment_name: the folder under the runs dir
+    settings: tuple[tuple[int, int], ...]  # (gradient, statistics)
+    variants: dict[str, list[str]]
+    seeds: tuple[int, ...]
+    epochs: int
+    data: str = "digits"
+
+
+PARTS = {
+    "quick": Part("study_quick", ((32, 2),), CORE, (0,), 10),
+    "baseline": Part("study", ((64, 64),), CORE, (0, 1, 2, 3, 4), 30),
+    "g32_s2": Part("study", ((32, 2),), {**CORE, **ABLATIONS}, (0, 1, 2), 30),
+    "g16_s1": Part("study", ((16, 1),), {**CORE, **ABLATIONS}, (0, 1, 2), 30),
+    "g8_s2": Part("study", ((8, 2),), CORE, (0, 1, 2), 30),
+    "hard": Part("study_hard", ((64, 64), (16, 1)), HARD, (0, 1, 2), 60, data="digits_hard"),
+    "state": Part("study_state", ((32, 1), (16, 1)), STATE, (0, 1), 30),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # run_name, e.g. g32_s2_bkn-analytic_seed0
+    overrides: tuple[str, ...]
+
+
+def run_specs(part: Part, runs_dir: Path) -> list[RunSpec]:
+    """Every run of ``part``, the costliest (smallest gradient batch) first."""
+    examples = part.epochs * TRAIN_EXAMPLES[part.data]
+    specs = []
+    for gradient, statistics in sorted(part.settings):
+        steps_per_epoch = TRAIN_EXAMPLES[part.data] // gradient
+        setting = [
+            "experiment=study", f"data={part.data}", f"experiment_name={part.experiment}", f"out_dir={runs_dir}",
+            "resume=auto", f"batch.gradient={gradient}", f"batch.statistics={statistics}",
+            f"batch.per_device={gradient}", f"train.epochs={part.epochs}", f"optim.lr={BASE_LR * gradient / BASE_BATCH:g}",
+            "schedule=cosine", f"schedule.warmup_steps={steps_per_epoch}", f"eval.every={steps_per_epoch}",
+        ]
         gain = LARGE_BATCH_GAIN if statistics >= LARGE_STATISTICS else MICRO_BATCH_GAIN
-        for seed in seeds:  # the sweep's own normalizers: BKN with each transition
-            launched.append((f"{name}_bkn_seed{seed}", [*base, f"seed={seed}", f"normalizer.gain={gain}", *extra]))
-        launched.append((f"{name}_bn", [*base, all_seeds, "normalizer=bn", *extra]))
-        launched.append((f"{name}_brn", [*base, all_seeds, "normalizer=brn",
-                                         f"normalizer.warmup_steps={BRN_WARMUP_EXAMPLES // gradient}",
-                                         f"normalizer.relax_steps={BRN_RELAX_EXAMPLES // gradient}", *extra]))
-    return launched
+        for variant, normalizer in part.variants.items():
+            if variant.startswith("bkn"):
+                extra = [f"normalizer.gain={gain}"]
+            elif variant == "brn":
+                extra = [f"normalizer.warmup_steps={round(BRN_WARMUP_FRACTION * examples / gradient)}",
+                         f"normalizer.relax_steps={round(BRN_RELAX_FRACTION * examples / gradient)}"]
+            else:
+                extra = []
+            for seed in part.seeds:
+                name = f"g{gradient}_s{statistics}_{variant}_seed{seed}"
+                specs.append(RunSpec(name, (*setting, *normalizer, *extra, f"seed={seed}", f"run_name={name}")))
+    return specs
 
 
-def run(name: str, command: list[str], logs: Path) -> tuple[str, int, float]:
+def is_finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def train(spec: RunSpec, logs: Path) -> tuple[str, int, float]:
     start = time.monotonic()
-    with open(logs / f"{name}.log", "w") as log:
-        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-    return name, code, time.monotonic() - start
+    with open(logs / f"{spec.name}.log", "w") as log:
+        code = subprocess.run([sys.executable, "train.py", *spec.overrides], cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    return spec.name, code, time.monotonic() - start
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=list(PARTS), help="which part of the study to run")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/study"), help="default runs/study")
     parser.add_argument("--workers", type=int, default=2, help="train.py processes at a time (default 2)")
-    parser.add_argument("--seeds", type=int, default=len(SEEDS), help=f"seeds per run (default {len(SEEDS)})")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. train.steps=50")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.seeds < 1:
-        parser.error("--workers and --seeds must be at least 1")
-    logs = args.runs_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    part = PARTS[args.part]
     runs_dir = args.runs_dir.resolve()
+    specs = run_specs(part, runs_dir)
+    todo = [spec for spec in specs if not is_finished(runs_dir / part.experiment / spec.name)]
+    print(f"study part {args.part}: {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run")
+    if args.dry_run:
+        for spec in todo:
+            print("python train.py " + " ".join(spec.overrides))
+        return
+    logs = runs_dir / "logs" / args.part
+    logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    results = []
     with ThreadPoolExecutor(args.workers) as pool:
-        jobs = [pool.submit(run, name, command, logs)
-                for name, command in commands(runs_dir, SETTINGS, range(args.seeds), args.overrides)]
-        results = [job.result() for job in jobs]
-    for name, code, seconds in results:
-        print(f"{name:24s} {'ok' if code == 0 else f'FAILED ({code})':12s} {seconds:7.1f} s")
-    print(f"study: {time.monotonic() - started:.0f} s in all")
-    failed = [name for name, code, _ in results if code != 0]
+        for job in as_completed([pool.submit(train, spec, logs) for spec in todo]):
+            name, code, seconds = job.result()
+            print(f"  {name:44s} {'ok' if code == 0 else f'FAILED ({code})':12s} {seconds:7.1f} s", flush=True)
+            results.append((name, code))
+    wall = time.monotonic() - started
+    with open(logs / "wall_times.jsonl", "a") as handle:
+        handle.write(json.dumps({"part": args.part, "runs": len(todo), "wall_s": round(wall, 1),
+                                 "workers": args.workers, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    print(f"study part {args.part}: {wall:.0f} s for {len(todo)} runs")
+    failed = [name for name, code in results if code != 0]
     if failed:
-        sys.exit(f"error: {len(failed)} sweep(s) failed; see {logs}/{failed[0]}.log")
+        sys.exit(f"error: {len(failed)} run(s) failed; see {logs}/{failed[0]}.log")
 
 
 if __name__ == "__main__":

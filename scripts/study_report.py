@@ -1,0 +1,264 @@
+"""Write results/study/ from the study's run records (scripts/study.py): tables, figures, the
+convergence check and the wall time of each part.
+
+For each experiment of the study (``study``: the main grid; ``study_hard``: the harder digits;
+``study_state``: what BKN passes on; ``study_quick``: the first look) it writes ``<experiment>.md``,
+``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options and
+the final training loss, mean ± std over the finished seeds. From the main grid it also writes
+``steps_to_baseline.md`` (optimizer steps and examples until a run first reaches 95% of the
+large-batch BN baseline's final top-1) and ``variance_gap.{md,png}`` (the Fig. 8 analogue).
+
+The first line of results/study/README.md is this script's: whether the study converged (the
+large-batch BN baseline at >= 97% top-1 with population statistics). The rest of the README is
+written by hand from these files and is left as it is.
+
+    python scripts/study_report.py                      # runs/study -> results/study
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import plots
+from run_records import Run, load_local
+
+EXPERIMENTS = {
+    "study": "BN, BRN, GN and BKN on digits, trained to convergence",
+    "study_hard": "the harder digits (500 training images, pixel noise std 0.3)",
+    "study_state": "what BKN passes on to the next layer's prediction: its output's statistics or its input's",
+    "study_quick": "first look: (32, 2), 10 epochs, one seed (not converged by design)",
+}
+BASELINE_SETTING, CONVERGED_TOP1 = (64, 64), 97.0
+REACH_FRACTION = 0.95  # convergence speed: steps until 95% of the baseline's final top-1
+FLAT_TOLERANCE = 0.2  # training loss flat: the last 10% of steps within 20% of the 10% before
+ORDER = ("bn", "brn", "gn", "bkn-linear", "bkn-monte_carlo", "bkn-analytic")
+NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "bkn": "BKN"}
+PAPER_SPEED_CLAIM = ("Paper (Table 1, InceptionV2 on ImageNet at (256, 32)): BKN reaches BN's final top-1 "
+                     "in 41.2% fewer steps (100k against 170k).")
+README_STATUS_PREFIX = "Status:"
+
+
+def label(variant: str) -> str:
+    name, _, detail = variant.partition("-")
+    return NAMES[name] + (f" ({detail.replace('-', ', ')})" if detail else "")
+
+
+def variant_key(variant: str) -> tuple[int, str]:
+    base = "-".join(variant.split("-")[:2])
+    return (ORDER.index(base) if base in ORDER else len(ORDER), variant)
+
+
+def mean_std(values: Sequence[float], digits: int) -> str:
+    if not values:
+        return "—"
+    text = f"{statistics.fmean(values):.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def final_loss(run: Run) -> float | None:
+    """Mean training loss over the last 10% of the run's logged steps."""
+    losses = run.train_losses()
+    tail = [loss for _, loss in losses[-max(1, len(losses) // 10):]]
+    return statistics.fmean(tail) if tail else None
+
+
+def loss_is_flat(run: Run) -> bool | None:
+    losses = [loss for _, loss in run.train_losses()]
+    tenth = len(losses) // 10
+    if tenth < 1:
+        return None
+    last, before = statistics.fmean(losses[-tenth:]), statistics.fmean(losses[-2 * tenth:-tenth])
+    return before - last <= FLAT_TOLERANCE * before
+
+
+def rows_of(runs: Sequence[Run]) -> dict[tuple[tuple[int, int], str], list[Run]]:
+    rows: dict[tuple[tuple[int, int], str], list[Run]] = defaultdict(list)
+    for run in runs:
+        rows[run.setting, run.variant].append(run)
+    return dict(sorted(rows.items(), key=lambda item: ((-item[0][0][0], -item[0][0][1]), variant_key(item[0][1]))))
+
+
+def baseline_top1(runs: Sequence[Run]) -> float | None:
+    values = [top1 for run in runs if run.finished and run.setting == BASELINE_SETTING and run.variant == "bn"
+              and (top1 := run.final("population")) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
+    header = ("| setting | normalizer | seeds | top-1 % B: population | top-1 % A: batch | final training loss "
+              "| loss flat | not finished |")
+    lines = [f"# {experiment} — {EXPERIMENTS[experiment]}", "",
+             "Mean ± std over the finished seeds. Top-1 on the 360 test images after the last step; B: "
+             "population (running) statistics, the paper's option B; A: each test statistics group's own "
+             "statistics, option A (GN has per-example statistics, so its A is its B). Final training loss: "
+             f"mean of the last 10% of logged steps; loss flat: the runs whose last 10% lie within "
+             f"{FLAT_TOLERANCE:.0%} of the 10% before. Not finished: runs with another status (diverged, failed, ...).",
+             "", header, "|---|---|---|---|---|---|---|---|"]
+    records = []
+    for (setting, variant), group in rows_of(runs).items():
+        finished = [run for run in group if run.finished]
+        population = [v for run in finished if (v := run.final("population")) is not None]
+        batch = [v for run in finished if (v := run.final("batch")) is not None]
+        losses = [v for run in finished if (v := final_loss(run)) is not None]
+        flat = [run for run in finished if loss_is_flat(run)]
+        others = sorted(f"{run.name}: {run.status}" for run in group if not run.finished)
+        batch_text = "= B" if variant == "gn" else mean_std(batch, 1)
+        lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | {len(finished)} | {mean_std(population, 1)} "
+                     f"| {batch_text} | {mean_std(losses, 3)} | {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
+        for run in group:
+            records.append({"experiment": experiment, "setting": f"({setting[0]}, {setting[1]})", "normalizer": variant,
+                            "seed": run.summary.get("seed"), "status": run.status,
+                            "top1_population": run.final("population"), "top1_batch": run.final("batch"),
+                            "final_training_loss": final_loss(run), "loss_flat": loss_is_flat(run),
+                            "steps": run.summary.get("steps"), "wall_time_s": run.summary.get("wall_time_s")})
+    lines += ["", "Regenerate: `make study` (after the parts have run: `make study PART=<part>`)."]
+    (out_dir / f"{experiment}.md").write_text("\n".join(lines) + "\n")
+    with open(out_dir / f"{experiment}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def write_figure(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
+    panels = []
+    by_setting: dict[tuple[int, int], list[tuple[str, list[Run]]]] = defaultdict(list)
+    for (setting, variant), group in rows_of(runs).items():
+        by_setting[setting].append((variant, [run for run in group if run.finished]))
+    for setting, rows in by_setting.items():
+        for inference in ("population", "batch"):
+            curves = [plots.Curve(label(variant), variant.split("-")[0], False, [run.curve(inference) for run in group],
+                                  transition=variant.partition("-")[2] or None)
+                      for variant, group in rows if not (inference == "batch" and variant == "gn")]
+            panels.append(plots.Panel(f"setting {setting}, {plots.INFERENCE_TITLES[inference]}", curves))
+    plots.plot_panels(panels, f"{experiment}: {EXPERIMENTS[experiment]}", out_dir / f"{experiment}.png", 2)
+
+
+def first_reach(run: Run, inference: str, threshold: float) -> int | None:
+    return next((step for step, top1 in run.curve(inference) if top1 >= threshold), None)
+
+
+def write_steps_to_baseline(runs: Sequence[Run], baseline: float, out_dir: Path) -> None:
+    threshold = REACH_FRACTION * baseline
+    lines = ["# Convergence speed: optimizer steps (and examples) to reach 95% of the baseline", "",
+             f"The large-batch BN baseline {BASELINE_SETTING} reaches {baseline:.1f}% top-1 (population statistics, "
+             f"mean over seeds); the threshold is {REACH_FRACTION:.0%} of that, {threshold:.1f}%. Per run: the first "
+             "evaluation (one per epoch) at or above it; mean over the seeds that reach it, and how many do. "
+             "Examples = steps x gradient batch.", "",
+             "| setting | normalizer | B: steps | B: examples | B: seeds reaching | A: steps | A: examples "
+             "| A: seeds reaching |", "|---|---|---|---|---|---|---|---|"]
+    for (setting, variant), group in rows_of(runs).items():
+        finished = [run for run in group if run.finished]
+        cells = []
+        for inference in ("population", "batch"):
+            if inference == "batch" and variant == "gn":
+                cells += ["= B", "= B", "= B"]
+                continue
+            steps = [s for run in finished if (s := first_reach(run, inference, threshold)) is not None]
+            mean = statistics.fmean(steps) if steps else None
+            cells += ["—" if mean is None else f"{mean:.0f}", "—" if mean is None else f"{mean * setting[0]:,.0f}",
+                      f"{len(steps)}/{len(finished)}"]
+        lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | " + " | ".join(cells) + " |")
+    lines += ["", f"- {PAPER_SPEED_CLAIM} Ours is a different network, data set and scale.",
+              "", "Regenerate: `make study`."]
+    (out_dir / "steps_to_baseline.md").write_text("\n".join(lines) + "\n")
+
+
+def write_variance_gap(runs: Sequence[Run], out_dir: Path) -> None:
+    """Fig. 8 from the study's trained runs: |variance normalized with - moving variance|, BN vs BKN."""
+    import torch
+    from fig8_statistics import measure, plot
+
+    lines = ["# Fig. 8 analogue: batch variance against moving variance in the trained study networks", "",
+             "Seed 0 of each setting; the deepest normalization layer after a 3x3 conv; 64 test statistics groups "
+             "of inference option A. Gap: |variance the layer normalizes with - its moving variance| (BN: the "
+             "group's sample variance; BKN: its Kalman estimate), unbiased. The paper (Fig. 8): BKN's gaps are "
+             "smaller than BN's (no number given).", "",
+             "| setting | normalizer | layer | mean gap | median gap | mean gap / moving variance |", "|---|---|---|---|---|---|"]
+    device = torch.device("cpu")
+    for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
+        chosen = {variant: run for run in runs for variant in ("bn", "bkn-linear", "bkn-analytic")
+                  if run.finished and run.setting == setting and run.variant == variant and run.summary.get("seed") == 0}
+        if "bn" not in chosen or len(chosen) < 2:
+            continue
+        gaps = {variant: measure(run, None, 64, device) for variant, run in chosen.items()}
+        for variant, gap in gaps.items():
+            relative = gap.normalizing / (gap.moving[:, None] + 1e-12)
+            lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | `{gap.layer}` | {gap.normalizing.mean():.4g} "
+                         f"| {gap.normalizing.median():.4g} | {relative.mean():.4g} |")
+        plot(gaps, f"study at {setting}: |batch variance - moving variance|, channels x test groups",
+             out_dir / f"variance_gap_g{setting[0]}_s{setting[1]}.png")
+    lines += ["", "Heat maps: variance_gap_g<gradient>_s<statistics>.png. Regenerate: `make study`."]
+    (out_dir / "variance_gap.md").write_text("\n".join(lines) + "\n")
+
+
+def wall_times(runs_dir: Path) -> dict[str, float]:
+    """Seconds each part's invocations took, added up (from study.py's logs)."""
+    totals: dict[str, float] = defaultdict(float)
+    for path in sorted((runs_dir / "logs").glob("*/wall_times.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                totals[entry["part"]] += entry["wall_s"]
+    return dict(totals)
+
+
+def status_line(baseline: float | None) -> str:
+    if baseline is None:
+        return (f"{README_STATUS_PREFIX} INCOMPLETE — the large-batch BN baseline {BASELINE_SETTING} has not "
+                "finished (make study PART=baseline); nothing here is checked for convergence yet.")
+    if baseline < CONVERGED_TOP1:
+        return (f"{README_STATUS_PREFIX} NOT CONVERGED — the large-batch BN baseline {BASELINE_SETTING} reaches "
+                f"{baseline:.1f}% top-1 (population statistics), below the {CONVERGED_TOP1:g}% this study requires; "
+                "its numbers are not evidence.")
+    return (f"{README_STATUS_PREFIX} converged — the large-batch BN baseline {BASELINE_SETTING} reaches {baseline:.1f}% "
+            f"top-1 (population statistics, >= {CONVERGED_TOP1:g}%).")
+
+
+def write_readme_status(out_dir: Path, line: str) -> None:
+    readme = out_dir / "README.md"
+    rest = readme.read_text().splitlines()[1:] if readme.exists() else ["", "# The CPU study", ""]
+    if rest and rest[0].startswith(README_STATUS_PREFIX):  # never stack two status lines
+        rest = rest[1:]
+    readme.write_text("\n".join([line, *rest]) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/study"), help="default runs/study")
+    parser.add_argument("--out-dir", type=Path, default=Path("results/study"), help="default results/study")
+    parser.add_argument("--no-variance-gap", action="store_true", help="skip the Fig. 8 analogue (it loads checkpoints)")
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for experiment in EXPERIMENTS:
+        runs = load_local(args.runs_dir, [experiment])
+        if not runs:
+            continue
+        write_results_table(experiment, runs, args.out_dir)
+        write_figure(experiment, runs, args.out_dir)
+        written.append(experiment)
+        if experiment == "study":
+            baseline = baseline_top1(runs)
+            if baseline is not None:
+                write_steps_to_baseline(runs, baseline, args.out_dir)
+            if not args.no_variance_gap:
+                write_variance_gap(runs, args.out_dir)
+    main_runs = load_local(args.runs_dir, ["study"])
+    line = status_line(baseline_top1(main_runs))
+    times = wall_times(args.runs_dir)
+    if times:
+        line += " Wall time per part on this machine: " + ", ".join(f"{part} {seconds / 60:.0f} min"
+                                                                   for part, seconds in sorted(times.items())) + "."
+    write_readme_status(args.out_dir, line)
+    print(f"wrote {', '.join(written) or 'no tables (no runs yet)'} and the README status line to {args.out_dir}")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

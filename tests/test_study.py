@@ -1,0 +1,159 @@
+"""The CPU study: scripts/study.py's commands and scripts/study_report.py on run records this test
+writes itself (in train.py's format, docs/run-records.md)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+import bkn.config  # noqa: F401  (registers the run_name resolvers)
+from bkn.config import validate
+from bkn.data import build_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import study  # noqa: E402  (scripts/ is not a package)
+import study_report  # noqa: E402
+
+
+def overrides_of(spec: study.RunSpec) -> dict[str, str]:
+    return dict(override.split("=", 1) for override in spec.overrides)
+
+
+def test_every_part_runs_every_setting_variant_and_seed_once_on_the_same_examples(tmp_path: Path) -> None:
+    for name, part in study.PARTS.items():
+        specs = study.run_specs(part, tmp_path)
+        assert len(specs) == len(part.settings) * len(part.variants) * len(part.seeds), name
+        assert len({spec.name for spec in specs}) == len(specs), name
+        for spec in specs:
+            settings = overrides_of(spec)
+            gradient, statistics_size = int(settings["batch.gradient"]), int(settings["batch.statistics"])
+            assert settings["train.epochs"] == str(part.epochs)  # the same examples at every setting
+            assert float(settings["optim.lr"]) == pytest.approx(0.1 * gradient / 64)
+            assert settings["run_name"] == spec.name and settings["experiment_name"] == part.experiment
+            if "normalizer.gain" in settings:
+                assert float(settings["normalizer.gain"]) == (0.95 if statistics_size >= 32 else 0.1)
+            if settings["normalizer"] == "brn":
+                examples = part.epochs * study.TRAIN_EXAMPLES[part.data]
+                assert int(settings["normalizer.relax_steps"]) == round(0.4 * examples / gradient)
+    assert {v for p in ("g32_s2", "g16_s1") for v in study.PARTS[p].variants} >= set(study.ABLATIONS)
+
+
+def test_the_training_set_sizes_the_study_assumes_are_the_data_sets_own() -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        for data in study.TRAIN_EXAMPLES:
+            options = compose("config", overrides=[f"data={data}"]).data
+            extra = {k: v for k, v in options.items() if k not in ("name", "root", "download", "num_workers", "image_size")}
+            assert len(build_datasets(options.name, image_size=options.image_size, **extra).train) == study.TRAIN_EXAMPLES[data]
+
+
+def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
+    seen = set()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        for part in study.PARTS.values():
+            for spec in study.run_specs(part, tmp_path):
+                variant = spec.name.split("_", 2)[2].rsplit("_seed", 1)[0]
+                if (variant, part.data) in seen:  # composing and validating takes ~1 s: once per variant
+                    continue
+                seen.add((variant, part.data))
+                cfg = compose("config", overrides=list(spec.overrides))
+                plan = validate(cfg).with_train_set(study.TRAIN_EXAMPLES[part.data])
+                assert plan.train_epochs == part.epochs and plan.train_steps is None, spec.name
+                assert plan.run_dir == tmp_path / part.experiment / spec.name
+                assert cfg.data.name == "digits" and cfg.model.name == "preact_resnet32"
+
+
+def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    part = study.PARTS["quick"]
+    specs = study.run_specs(part, tmp_path.resolve())
+    done = tmp_path / part.experiment / specs[0].name
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"status": "finished"}))
+    running = tmp_path / part.experiment / specs[1].name
+    running.mkdir(parents=True)
+    (running / "summary.json").write_text(json.dumps({"status": "running"}))
+    study.main(["quick", "--runs-dir", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"{len(specs)} runs, 1 finished, {len(specs) - 1} to run" in out
+    assert specs[0].name not in out and specs[1].name in out
+
+
+def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], normalizer: dict, seed: int, *,
+                    top1: float, losses: list[float], curve: list[tuple[int, float]], status: str = "finished") -> None:
+    variant = normalizer["name"] + (f"-{normalizer['transition']}" if "transition" in normalizer else "")
+    name = f"g{setting[0]}_s{setting[1]}_{variant}_seed{seed}"
+    directory = runs_dir / experiment / name
+    directory.mkdir(parents=True)
+    summary = {"experiment": experiment, "run": name, "status": status, "normalizer": normalizer["name"],
+               "transition": normalizer.get("transition"), "gradient_batch_size": setting[0],
+               "statistics_batch_size": setting[1], "per_device_batch_size": setting[0], "seed": seed,
+               "final": {"population": {"top1": top1}, "batch": {"top1": top1 - 1}}}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    (directory / "config.yaml").write_text(yaml.safe_dump({"normalizer": normalizer, "seed": seed}))
+    lines = [{"kind": "train", "step": 10 * (i + 1), "loss": loss} for i, loss in enumerate(losses)]
+    lines += [{"kind": "eval", "step": step, "inference": inference, "top1": value}
+              for step, value in curve for inference in ("population", "batch")]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def report(runs: Path, out: Path) -> None:
+    study_report.main(["--runs-dir", str(runs), "--out-dir", str(out), "--no-variance-gap"])
+
+
+def test_report_rows_final_loss_and_steps_to_the_baseline(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    baseline = [98.0, 99.0]
+    for seed, top1 in enumerate(baseline):
+        write_study_run(runs, "study", (64, 64), {"name": "bn"}, seed, top1=top1, losses=[2.0] * 10 + [0.1] * 20,
+                        curve=[(5, 50.0), (10, top1)])
+    micro = {0: (90.0, [(20, 80.0), (40, 94.0), (60, 95.0)]), 1: (96.0, [(10, 93.5), (20, 93.6), (40, 96.0)])}
+    falling = [3.0 * 0.8 ** i for i in range(20)]  # still falling by a third per tenth of the run: not flat
+    for seed, (top1, curve) in micro.items():
+        write_study_run(runs, "study", (16, 1), {"name": "bkn", "transition": "analytic"}, seed, top1=top1,
+                        losses=falling, curve=curve)
+    write_study_run(runs, "study", (16, 1), {"name": "bn"}, 0, top1=0.0, losses=[], curve=[], status="diverged")
+
+    report(runs, out)
+
+    lines = [line for line in (out / "study.md").read_text().splitlines() if line.startswith("| (")]
+    cells = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")]
+             for line in lines}
+    bn_baseline = cells["(64, 64)", "BN"]
+    assert bn_baseline[3] == f"{statistics.fmean(baseline):.1f} ± {statistics.stdev(baseline):.1f}"
+    assert bn_baseline[5] == "0.100 ± 0.000" and bn_baseline[6] == "2/2"
+    bkn = cells["(16, 1)", "BKN (analytic)"]
+    assert bkn[3] == f"{statistics.fmean([90.0, 96.0]):.1f} ± {statistics.stdev([90.0, 96.0]):.1f}"
+    assert bkn[5] == f"{statistics.fmean(falling[-2:]):.3f} ± 0.000" and bkn[6] == "0/2"
+    assert cells["(16, 1)", "BN"][7] == "g16_s1_bn_seed0: diverged" and cells["(16, 1)", "BN"][3] == "—"
+
+    threshold = 0.95 * statistics.fmean(baseline)  # 93.575: seed 0 reaches it at step 40, seed 1 at 20
+    speed = [line for line in (out / "steps_to_baseline.md").read_text().splitlines() if line.startswith("| (16, 1) | BKN")]
+    expected_steps = statistics.fmean([next(s for s, v in c if v >= threshold) for _, c in micro.values()])
+    assert speed[0].split("|")[3].strip() == f"{expected_steps:.0f}"
+    assert speed[0].split("|")[4].strip() == f"{expected_steps * 16:,.0f}"
+    assert speed[0].split("|")[5].strip() == "2/2"
+
+
+@pytest.mark.parametrize("baseline, word", [(96.0, "NOT CONVERGED"), (98.5, "converged"), (None, "INCOMPLETE")])
+def test_readme_first_line_says_whether_the_baseline_converged(tmp_path: Path, baseline, word) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_study_run(runs, "study", (32, 2), {"name": "gn"}, 0, top1=90.0, losses=[1.0] * 20, curve=[(1, 90.0)])
+    if baseline is not None:
+        write_study_run(runs, "study", (64, 64), {"name": "bn"}, 0, top1=baseline, losses=[1.0] * 20,
+                        curve=[(1, baseline)])
+    out.mkdir()
+    (out / "README.md").write_text("Status: an old line\n\n# The CPU study\n\nWritten by hand.\n")
+    report(runs, out)
+    first, *rest = (out / "README.md").read_text().splitlines()
+    assert first.startswith(f"Status: {word}")
+    if baseline is not None:
+        assert f"{baseline:.1f}%" in first
+    assert rest == ["", "# The CPU study", "", "Written by hand."]
+    assert "= B" in (out / "study.md").read_text()  # GN: options A and B are one thing
