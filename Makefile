@@ -95,10 +95,10 @@ fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 
 paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~10 min on 2 CPU cores)
 
-study: setup  ## the small CPU study (digits; BN, BRN, BKN x 3 transitions; 3 seeds) -> results/study/ (~22 min, 2 cores)
-	$(PY) scripts/study.py $(ARGS)
-	$(PY) scripts/aggregate.py study --scale study --runs-dir runs/study --out-dir results/study
-	$(PY) scripts/prior_fit.py --runs-dir runs/study --out results/study/prior_fit.md
+PART ?= all
+study: setup  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16_s1|g8_s2|hard|state|all; ~75 min a part, quick ~10)
+	$(PY) scripts/study.py $(PART) $(ARGS)
+	$(PY) scripts/study_report.py
 
 # --- make demo: BN vs BKN at a micro-batch setting on the bundled digits, on a CPU (docs/training.md) ---
 DEMO = experiment_name=demo data=digits model=cifar_net batch.gradient=16 batch.statistics=2 train.epochs=4 \

@@ -5,12 +5,13 @@ The study is split into parts that run separately (``make study PART=<name>``), 
 finish from empty run records in about 75 minutes on a 2-core CPU (two one-thread runs at a time):
 
     quick     a first look in ~10 minutes: (32, 2), 10 epochs, one seed (its own experiment)
-    baseline  the large-batch baseline (64, 64): every normalizer, 5 seeds
+    baseline  the large-batch baseline (64, 64): every normalizer, 3 seeds
     g32_s2    (32, 2): every normalizer and both ablations, 3 seeds
     g16_s1    (16, 1): every normalizer and both ablations, 3 seeds
     g8_s2     (8, 2): every normalizer, 3 seeds
     hard      the harder variant (configs/data/digits_hard.yaml) at (64, 64) and (16, 1)
     state     why the analytic transition stalled: what BKN passes on (state_from), at (32, 1) and (16, 1)
+    all       every part but quick, one after the other (several hours)
 
 Every run of a part sees the same examples (``epochs`` of the training set) whatever its
 gradient batch, so the settings differ in their number of steps. What follows from a setting:
@@ -87,7 +88,7 @@ class Part:
 
 PARTS = {
     "quick": Part("study_quick", ((32, 2),), CORE, (0,), 10),
-    "baseline": Part("study", ((64, 64),), CORE, (0, 1, 2, 3, 4), 30),
+    "baseline": Part("study", ((64, 64),), CORE, (0, 1, 2), 30),
     "g32_s2": Part("study", ((32, 2),), {**CORE, **ABLATIONS}, (0, 1, 2), 30),
     "g16_s1": Part("study", ((16, 1),), {**CORE, **ABLATIONS}, (0, 1, 2), 30),
     "g8_s2": Part("study", ((8, 2),), CORE, (0, 1, 2), 30),
@@ -146,36 +147,40 @@ def train(spec: RunSpec, logs: Path) -> tuple[str, int, float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=list(PARTS), help="which part of the study to run")
+    parser.add_argument("part", choices=[*PARTS, "all"], help="which part of the study to run")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/study"), help="default runs/study")
     parser.add_argument("--workers", type=int, default=2, help="train.py processes at a time (default 2)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    part = PARTS[args.part]
-    runs_dir = args.runs_dir.resolve()
+    for name in [part for part in PARTS if part != "quick"] if args.part == "all" else [args.part]:
+        run_part(name, args.runs_dir.resolve(), args.workers, args.dry_run)
+
+
+def run_part(name: str, runs_dir: Path, workers: int, dry_run: bool) -> None:
+    part = PARTS[name]
     specs = run_specs(part, runs_dir)
     todo = [spec for spec in specs if not is_finished(runs_dir / part.experiment / spec.name)]
-    print(f"study part {args.part}: {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run")
-    if args.dry_run:
+    print(f"study part {name}: {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run")
+    if dry_run:
         for spec in todo:
             print("python train.py " + " ".join(spec.overrides))
         return
-    logs = runs_dir / "logs" / args.part
+    logs = runs_dir / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
-    with ThreadPoolExecutor(args.workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         for job in as_completed([pool.submit(train, spec, logs) for spec in todo]):
             name, code, seconds = job.result()
             print(f"  {name:44s} {'ok' if code == 0 else f'FAILED ({code})':12s} {seconds:7.1f} s", flush=True)
             results.append((name, code))
     wall = time.monotonic() - started
     with open(logs / "wall_times.jsonl", "a") as handle:
-        handle.write(json.dumps({"part": args.part, "runs": len(todo), "wall_s": round(wall, 1),
-                                 "workers": args.workers, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    print(f"study part {args.part}: {wall:.0f} s for {len(todo)} runs")
+        handle.write(json.dumps({"part": name, "runs": len(todo), "wall_s": round(wall, 1),
+                                 "workers": workers, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    print(f"study part {name}: {wall:.0f} s for {len(todo)} runs")
     failed = [name for name, code in results if code != 0]
     if failed:
         sys.exit(f"error: {len(failed)} run(s) failed; see {logs}/{failed[0]}.log")

@@ -6,7 +6,9 @@ For each experiment of the study (``study``: the main grid; ``study_hard``: the 
 ``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options and
 the final training loss, mean ± std over the finished seeds. From the main grid it also writes
 ``steps_to_baseline.md`` (optimizer steps and examples until a run first reaches 95% of the
-large-batch BN baseline's final top-1) and ``variance_gap.{md,png}`` (the Fig. 8 analogue).
+large-batch BN baseline's final top-1) and ``variance_gap.{md,png}`` (the Fig. 8 analogue); from the
+main grid and from ``study_state``, ``prior_fit.md`` / ``prior_fit_state.md`` (scripts/prior_fit.py:
+how far each BKN layer's prior lies from what it observes).
 
 The first line of results/study/README.md is this script's: whether the study converged (the
 large-batch BN baseline at >= 97% top-1 with population statistics). The rest of the README is
@@ -25,7 +27,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 import plots
+import prior_fit
+from fig8_statistics import measure, plot
 from run_records import Run, load_local
 
 EXPERIMENTS = {
@@ -42,6 +48,7 @@ NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "bkn": "BKN"}
 PAPER_SPEED_CLAIM = ("Paper (Table 1, InceptionV2 on ImageNet at (256, 32)): BKN reaches BN's final top-1 "
                      "in 41.2% fewer steps (100k against 170k).")
 README_STATUS_PREFIX = "Status:"
+PRIOR_FIT = {"study": "prior_fit.md", "study_state": "prior_fit_state.md"}
 
 
 def label(variant: str) -> str:
@@ -171,8 +178,6 @@ def write_steps_to_baseline(runs: Sequence[Run], baseline: float, out_dir: Path)
 
 def write_variance_gap(runs: Sequence[Run], out_dir: Path) -> None:
     """Fig. 8 from the study's trained runs: |variance normalized with - moving variance|, BN vs BKN."""
-    import torch
-    from fig8_statistics import measure, plot
 
     lines = ["# Fig. 8 analogue: batch variance against moving variance in the trained study networks", "",
              "Seed 0 of each setting; the deepest normalization layer after a 3x3 conv; 64 test statistics groups "
@@ -232,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/study"), help="default runs/study")
     parser.add_argument("--out-dir", type=Path, default=Path("results/study"), help="default results/study")
-    parser.add_argument("--no-variance-gap", action="store_true", help="skip the Fig. 8 analogue (it loads checkpoints)")
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="skip what loads the trained networks (the Fig. 8 analogue, the prior fit)")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -247,8 +253,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             baseline = baseline_top1(runs)
             if baseline is not None:
                 write_steps_to_baseline(runs, baseline, args.out_dir)
-            if not args.no_variance_gap:
+            if not args.no_checkpoints:
                 write_variance_gap(runs, args.out_dir)
+        if experiment in PRIOR_FIT and not args.no_checkpoints:
+            rows = prior_fit.summarize(runs, batches=4, device=torch.device("cpu"))
+            if rows:
+                prior_fit.write_markdown(rows, args.out_dir / PRIOR_FIT[experiment], "make study")
     main_runs = load_local(args.runs_dir, ["study"])
     line = status_line(baseline_top1(main_runs))
     times = wall_times(args.runs_dir)

@@ -104,7 +104,7 @@ def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], n
 
 
 def report(runs: Path, out: Path) -> None:
-    study_report.main(["--runs-dir", str(runs), "--out-dir", str(out), "--no-variance-gap"])
+    study_report.main(["--runs-dir", str(runs), "--out-dir", str(out), "--no-checkpoints"])
 
 
 def test_report_rows_final_loss_and_steps_to_the_baseline(tmp_path: Path) -> None:
