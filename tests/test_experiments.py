@@ -161,21 +161,6 @@ def test_scale_paper_changes_nothing() -> None:
     assert compose("config", overrides=["scale=paper"]) == compose("config")
 
 
-def test_study_runs_bn_and_the_three_bkn_transitions_and_brn_on_digits() -> None:
-    import study  # scripts/study.py: the driver that pairs the settings
-
-    launched = study.commands(Path("runs"), [(8, 2)], [0], [])
-    assert len(launched) == 3  # BKN with its three transitions, BN, and BRN with its own schedule
-    kinds = set()
-    for _, command in launched:
-        for job in expand_sweep(command[command.index("-m") + 1:]):
-            config = compose("config", overrides=list(job))
-            plan = validate(config)
-            assert (config.data.name, plan.gradient_batch_size, plan.statistics_batch_size) == ("digits", 8, 2)
-            kinds.add((config.normalizer.name, config.normalizer.get("transition")))
-    assert kinds == {("bn", None), ("brn", None), ("bkn", "linear"), ("bkn", "monte_carlo"), ("bkn", "analytic")}
-
-
 @pytest.mark.slow
 def test_make_table3_fig4_and_fig8_at_smoke_scale_write_their_results(tmp_path: Path) -> None:
     runs, results = tmp_path / "runs", tmp_path / "results"

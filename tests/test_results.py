@@ -201,25 +201,6 @@ def test_a_torn_last_metrics_line_is_skipped_and_a_corrupt_one_raises(tmp_path: 
         load_local(tmp_path, ["fig7"])
 
 
-def test_study_rows_come_from_the_records_with_mean_and_std(tmp_path: Path) -> None:
-    runs, out = tmp_path / "runs", tmp_path / "out"
-    values = {((16, 1), "bn"): [30.0, 34.0, 32.0], ((16, 1), "bkn"): [40.0, 41.0, 45.0], ((64, 64), "bn"): [80.0]}
-    for (setting, normalizer), top1s in values.items():
-        for seed, top1 in enumerate(top1s):
-            write_run(runs, "study", "cifar_net", normalizer, seed, setting=setting, per_device=setting[0],
-                      top1={"batch": top1, "population": top1 / 2}, curve=[(1, top1)])
-
-    aggregate.main(["study", "--scale", "study", "--runs-dir", str(runs), "--out-dir", str(out)])
-
-    table = read_csv(out / "study.csv")
-    for (setting, normalizer), top1s in values.items():
-        transition = "analytic" if normalizer == "bkn" else None
-        line = table[f"{setting[0]},{setting[1]}/{normalizer}/{transition}", "top1_batch"]
-        assert float(line["ours_mean"]) == pytest.approx(statistics.fmean(top1s))
-        assert line["paper"] == ""
-    assert (out / "study.png").exists()
-
-
 def test_unknown_id_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         aggregate.main(["table9"])
