@@ -207,3 +207,31 @@ def test_cifar_net_width_matches_bkn_linear_parameter_count():
     assert abs(widened - bkn_linear) / bkn_linear < 0.01
     with pytest.raises(ValueError, match="width must be positive"):
         build_model("cifar_net", 10, {"name": "bn"}, 32, width=0)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("name", ["cifar_net", "preact_resnet32"])
+def test_eval_model_classifies_any_batch_each_example_as_alone(name, norm):
+    """A model trained with statistics groups of 2 classifies one image, or five, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(name, 5, NORMS[norm], small_size(name))
+    N.set_step(model, 10)
+    with torch.no_grad():
+        for seed in range(3):  # a few training steps' worth of running statistics
+            model(images(4, name, seed))
+    model.eval()
+    x = images(5, name, seed=10)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cifar_net", "inception_v2", "resnet18", "preact_resnet32"])
+def test_a_normalizer_name_alone_is_a_norm_spec(name):
+    size = 224 if name in ("inception_v2", "resnet18") else 32
+    with torch.device("meta"):
+        for norm in ("bn", "brn", "bkn"):
+            assert repr(build_model(name, 10, norm, size)) == repr(build_model(name, 10, {"name": norm}, size))
+    block = N.ConvNormAct(3, 4, 3, "bkn")
+    assert isinstance(block.norm, N.KalmanNorm2d) and block.norm.in_features == 3
