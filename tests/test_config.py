@@ -167,3 +167,12 @@ def test_steps_and_epochs_both_on_the_command_line_is_one_error(tmp_path: Path, 
     assert run_train_main(monkeypatch, ["train.steps=7", "train.epochs=2", f"out_dir={tmp_path}", "dry_run=true"]) == 2
     error = capsys.readouterr().err
     assert error == "error: train.steps=7 and train.epochs=2 are both given on the command line; give one of them\n"
+
+
+def test_readme_docs_and_configs_point_at_nothing_outside_the_project() -> None:
+    root = CONFIG_DIR.parent
+    files = [root / "README.md", *(root / "docs").rglob("*.md"), *CONFIG_DIR.rglob("*.yaml")]
+    outside = [f"{path.relative_to(root)}:{number}: {line.strip()}" for path in files
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if "../shared" in line or "shared/design" in line or "/work/" in line]
+    assert len(files) > 20 and outside == []
