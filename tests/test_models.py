@@ -293,3 +293,29 @@ def test_converted_conv_norm_fuses_with_torch_fusion():
     assert type(N.to_torch_batchnorm(N.BatchRenorm1d(4))) is nn.BatchNorm1d  # a layer itself: its replacement
     option_a = N.BatchNorm2d(4, inference="batch")  # needs test-batch statistics: not BatchNorm in eval
     assert N.to_torch_batchnorm(option_a) is option_a
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_a_model_in_float64_float16_or_bfloat16_trains_and_evaluates_like_float32(norm, dtype):
+    torch.manual_seed(0)
+    reference = build_model("cifar_net", 5, NORMS[norm], 8)
+    model = build_model("cifar_net", 5, NORMS[norm], 8)
+    model.load_state_dict(reference.state_dict())
+    model.to(dtype)
+    N.set_step(reference, 10), N.set_step(model, 10)
+    x = images(4, "cifar_net")
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float64 else {"rtol": 0.1, "atol": 0.15}
+    for training in (True, False):
+        reference.train(training), model.train(training)
+        torch.manual_seed(1)  # the same Monte-Carlo samples
+        expected = reference(x[:3] if not training else x)
+        torch.manual_seed(1)
+        got = model((x[:3] if not training else x).to(dtype))
+        assert got.dtype == dtype
+        assert torch.isfinite(got).all()
+        if not (norm == "bkn-monte_carlo" and dtype == torch.float64):  # float64 draws other samples
+            torch.testing.assert_close(got.float(), expected, **tolerance)
+        if training:
+            got.float().logsumexp(1).sum().backward()
+            assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters())

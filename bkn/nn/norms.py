@@ -253,8 +253,9 @@ class KalmanNorm2d(_GroupedNorm):
             raise ValueError("KalmanNorm2d(transition='linear') needs in_features, the previous layer's channels")
         with torch.autocast(previous.mean.device.type, enabled=False):  # statistics stay float32
             if self.transition == "linear":
-                mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix,
-                                                 nn.functional.softplus(self.noise_raw))
+                dtype = previous.mean.dtype  # A and r in the statistics' dtype, as the other transitions cast W
+                mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix.to(dtype),
+                                                 nn.functional.softplus(self.noise_raw).to(dtype))
             elif self.transition == "analytic":
                 mean, var = BF.analytic_transition(previous.mean, previous.var, conv)
             else:
