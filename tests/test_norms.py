@@ -457,7 +457,8 @@ def test_layers_in_float64_float16_and_bfloat16_are_as_accurate_as_torch_batchno
     twice the error of torch's own BatchNorm2d in that dtype. Statistics: float64 for float64,
     float32 otherwise."""
     options = {"gain": 1.0} if name == "bkn" else {}
-    ours, torch_bn, exact = N.build_norm(name, 3, **options).to(dtype), nn.BatchNorm2d(3).to(dtype), nn.BatchNorm2d(3).double()
+    ours, torch_bn = N.build_norm(name, 3, **options).to(dtype), nn.BatchNorm2d(3).to(dtype)
+    exact = nn.BatchNorm2d(3).double()
     x = torch.randn(4, 3, 5, 5).to(dtype)
     for training in (True, False):
         for layer in (ours, torch_bn, exact):

@@ -239,14 +239,16 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
     on_eval(final)
     not_finite = [inference for inference, result in final.items() if not math.isfinite(result.loss)]
     if not_finite:
-        raise TrainingStopped(_diverged_message(
-            session, counter, f"the final evaluation's loss is {final[not_finite[0]].loss} ({not_finite[0]} statistics)"))
+        inference = not_finite[0]
+        what = f"the final evaluation's loss is {final[inference].loss} ({inference} statistics)"
+        raise TrainingStopped(_diverged_message(session, counter, what))
     return "finished"
 
 
 def _parameters_finite(model: nn.Module) -> bool:
-    """One norm over all parameters, so one host sync (at log points only)."""
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()])))
+    """Whether every parameter is finite: one host sync (at log points only). Not a norm, which
+    overflows for huge but finite weights."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def _diverged_message(session: Session, counter: NonFiniteCounter, what: str) -> str:
