@@ -346,7 +346,8 @@ def _run_settings(cfg: DictConfig) -> Path:
 
 
 def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
-    """Check every setting of ``cfg`` (as composed by Hydra) and derive the run's plan."""
+    """Check every setting of ``cfg`` (as composed by Hydra) and derive the run's plan. The one
+    change made to ``cfg``: a training length given alone on the command line clears the other."""
     world = detect_world(environ)
     gradient, statistics, per_device, accumulation, eval_batch = _batch(cfg, world)
     steps, epochs = _training_length(cfg)
