@@ -5,8 +5,8 @@ Hydra composes the config from configs/ and the command line (``-m`` sweeps, e.g
 runs it. The same command runs under ``torchrun`` (one process per device) and on SLURM
 (``-m hydra/launcher=slurm``). Every key is explained in docs/training.md.
 
-Exit codes: 0 finished, already finished, or preempted with a checkpoint; 1 stopped (non-finite
-steps) or crashed; 2 a bad setting or bad data, with a one-line message.
+Exit codes: 0 finished, already finished, or preempted with a checkpoint; 1 diverged (non-finite
+steps, parameters or final evaluation) or crashed; 2 a bad setting or bad data, with a one-line message.
 """
 
 from __future__ import annotations

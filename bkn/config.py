@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bkn.data import BUILDERS
@@ -218,8 +219,26 @@ def _batch(cfg: DictConfig, world: World) -> tuple[int, int, int, int, int]:
     return gradient, statistics, per_device, accumulation, eval_batch
 
 
+def _command_line_keys() -> set[str]:
+    """The keys this job's command line sets (Hydra's record of its overrides); none outside Hydra."""
+    if not HydraConfig.initialized():
+        return set()
+    return {override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task}
+
+
 def _training_length(cfg: DictConfig) -> tuple[int | None, int | None]:
+    """Steps or epochs, exactly one. A length given alone on the command line replaces the
+    config's (``train.steps=100`` over the default ``train.epochs: 10``); the resolved pair is
+    written back into ``cfg``, so the run record says what ran."""
+    given = _command_line_keys() & {"train.steps", "train.epochs"}
+    if len(given) == 1:
+        (key,) = given
+        if OmegaConf.select(cfg, key) is not None:
+            OmegaConf.update(cfg, "train.epochs" if key == "train.steps" else "train.steps", None)
     steps, epochs = _int(cfg, "train.steps", optional=True), _int(cfg, "train.epochs", optional=True)
+    if steps is not None and epochs is not None and len(given) == 2:
+        raise ConfigError(f"train.steps={steps} and train.epochs={epochs} are both given on the command line; "
+                          f"give one of them")
     if (steps is None) == (epochs is None):
         raise ConfigError(f"train.steps={steps} and train.epochs={epochs}: set exactly one of them "
                           f"(e.g. train.steps=1000 train.epochs=null)")
@@ -327,7 +346,8 @@ def _run_settings(cfg: DictConfig) -> Path:
 
 
 def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
-    """Check every setting of ``cfg`` (as composed by Hydra) and derive the run's plan."""
+    """Check every setting of ``cfg`` (as composed by Hydra) and derive the run's plan. The one
+    change made to ``cfg``: a training length given alone on the command line clears the other."""
     world = detect_world(environ)
     gradient, statistics, per_device, accumulation, eval_batch = _batch(cfg, world)
     steps, epochs = _training_length(cfg)

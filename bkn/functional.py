@@ -84,12 +84,13 @@ def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, T
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
     with torch.autocast(x.device.type, enabled=False):
-        mean, var = _GroupStats.apply(_at_least_float32(x), groups)
+        mean, var = _GroupStats.apply(x.to(statistics_dtype(x.dtype)), groups)
     return mean.view(groups, -1), var.view(groups, -1)
 
 
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics of ``dtype`` activations are kept in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Normalize(torch.autograd.Function):
@@ -97,8 +98,11 @@ class _Normalize(torch.autograd.Function):
     PyTorch's fused eval-mode batch-norm kernels, with gradients for the statistics too.
 
     The kernel's backward gives ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)`` in fused passes; the
-    statistics' gradients follow from those two sums. Input and output are in ``x``'s shape, and
-    the output is not a view: a view would turn an in-place activation after the layer (ReLU with
+    statistics' gradients follow from those two sums. That kernel is not differentiable itself, so
+    when the backward must be (``create_graph=True``: double backward, gradient penalties,
+    Hessian-vector products) the same three terms come from ordinary tensor ops instead; the
+    ordinary backward keeps the fused path. Input and output are in ``x``'s shape, and the output
+    is not a view: a view would turn an in-place activation after the layer (ReLU with
     ``inplace=True``) into full-size copies in the backward (autograd's CopySlices).
     """
 
@@ -116,14 +120,29 @@ class _Normalize(torch.autograd.Function):
         x, mean, var, weight = ctx.saved_tensors
         grouped = _grouped(x, ctx.groups)
         grad_grouped = _grouped(grad_out, ctx.groups).contiguous(memory_format=_memory_format(grouped))
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_grouped, grouped, weight, mean, var, None, None, False, ctx.eps,
-            [ctx.needs_input_grad[0], True, True])
         invstd = torch.rsqrt(var + ctx.eps)
+        if torch.is_grad_enabled():  # create_graph=True: this backward is differentiated in turn
+            grad_x, grad_weight, grad_bias = _differentiable_normalize_backward(
+                grad_grouped, grouped, mean, invstd, weight, ctx.needs_input_grad[0])
+        else:
+            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_grouped, grouped, weight, mean, var, None, None, False, ctx.eps,
+                [ctx.needs_input_grad[0], True, True])
         grad_mean = -grad_bias * weight * invstd
         grad_var = -0.5 * grad_weight * weight * invstd * invstd
         grad_x = None if grad_x is None else grad_x.reshape(x.shape)
         return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None, None
+
+
+def _differentiable_normalize_backward(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                                       needs_grad_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """What ``native_batch_norm_backward`` returns for fixed statistics (eval mode), as tensor ops:
+    ``dx = dy * weight * invstd``, ``sum(dy * x_hat)`` and ``sum(dy)`` per channel."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = [0, *range(2, x.dim())]
+    grad_x = grad_out * (weight * invstd).view(shape) if needs_grad_x else None
+    grad_weight = (grad_out * (x - mean.view(shape))).sum(dims) * invstd
+    return grad_x, grad_weight, grad_out.sum(dims)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

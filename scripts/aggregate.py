@@ -223,6 +223,7 @@ class Cell:
 
     values: list[float] = field(default_factory=list)
     missing: str = "missing"  # shown when there are no values: "missing", or the runs' statuses
+    diverged: int = 0  # seeds whose run diverged: never values, always shown
 
     @property
     def mean(self) -> float | None:
@@ -275,7 +276,8 @@ def row_cells(layout: Layout, runs_by_row: Mapping[str, list[Run]]) -> dict[tupl
                 continue
             values = [value for run in finished if (value := _run_value(run, metric, bn_top1)) is not None]
             unfilled = "not reached" if metric == "steps_to_bn_top1" else "not recorded"
-            cells[row.key, metric] = Cell(values, missing if not finished else unfilled)
+            diverged = sum(run.status == "diverged" for run in runs) if finished else 0
+            cells[row.key, metric] = Cell(values, missing if not finished else unfilled, diverged)
     for comparison in layout.comparisons:
         for metric in comparison.metrics:
             if metric not in layout.metrics:
@@ -301,7 +303,7 @@ def _format_cell(cell: Cell, metric: str, ratio: bool = False) -> str:
     text = _format(cell.mean, metric, ratio)
     if cell.std is not None:
         text += f" ± {_format(cell.std, metric, ratio)} (n={len(cell.values)})"
-    return text
+    return text + (f", {cell.diverged} diverged" if cell.diverged else "")
 
 
 def _paper(experiment: str, key: str, metric: str) -> float | None:
@@ -354,7 +356,8 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
     if scale == "smoke":
         text += [SMOKE_WARNING, ""]
     text += ["Ours: mean ± std over the seeds whose run finished (n = seeds); `missing`: no run record; "
-             "a run status (`running`, `failed`, `preempted`): no finished run."
+             "a run status (`running`, `failed`, `preempted`, `diverged`): no finished run; `k diverged`: "
+             "seeds left out of the mean because their run diverged."
              + (" Paper: the paper's own number (— where it gives none)." if with_paper else ""), "", *table, ""]
     text += [f"- {note}" for note in layout.notes]
     text += ["", f"Regenerate: `{command}`"]
@@ -367,6 +370,12 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
     return runs_by_row
 
 
+def _curve_label(label: str, runs: list[Run]) -> str:
+    """A figure shows no diverged run's curve; its legend says how many there were."""
+    diverged = sum(run.status == "diverged" for run in runs)
+    return f"{label} ({diverged} diverged)" if diverged else label
+
+
 def write_figure(experiment: str, layout: Layout, runs_by_row: Mapping[str, list[Run]], scale: str,
                  out_dir: Path) -> None:
     """Write ``<experiment>.png``: one panel per model and inference option, one curve per row."""
@@ -376,8 +385,8 @@ def write_figure(experiment: str, layout: Layout, runs_by_row: Mapping[str, list
         keys = {row.key for row in rows}
         for inference in layout.curves:
             metric = f"top1_{inference}"
-            curves = [plots.Curve(row.label, row.match["normalizer"], row.baseline,
-                                  [run.curve(inference) for run in runs_by_row[row.key]],
+            curves = [plots.Curve(_curve_label(row.label, runs_by_row[row.key]), row.match["normalizer"], row.baseline,
+                                  [run.curve(inference) for run in runs_by_row[row.key] if run.status != "diverged"],
                                   _paper(experiment, row.key, metric), row.match.get("transition"))
                       for row in rows]
             claims = [f"{c.label}: {paper:+.2f}" for c in layout.comparisons

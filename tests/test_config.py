@@ -14,7 +14,7 @@ from bkn.config import ConfigError, Plan, World, validate
 from bkn.data import BUILDERS
 from bkn.models import list_models
 from bkn.nn import NORMALIZERS
-from training_helpers import CONFIG_DIR, compose_config
+from training_helpers import CONFIG_DIR, compose_config, run_train_main
 
 NORMALIZER_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "normalizer").glob("*.yaml"))
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -109,7 +109,7 @@ BAD_SETTINGS = [
     (["batch.gradient=20", "batch.per_device=8"], "batch.gradient=20 is not a multiple of batch.per_device x"),
     (["batch.eval=5"], "batch.eval=5 is not a multiple of batch.statistics=2"),
     (["batch.gradient=0"], "batch.gradient=0: expected an integer >= 1"),
-    (["train.steps=5"], "set exactly one of them"),
+    (["train.epochs=null"], "set exactly one of them"),
     (["model.name=resnet7"], "model: unknown model 'resnet7'"),
     (["model=resnet50", "data.image_size=8"], "image_size=8 is too small"),
     (["+normalizer.momentum_typo=0.1"], "normalizer: normalizer 'bkn' has no option 'momentum_typo'"),
@@ -144,3 +144,35 @@ def test_plan_is_a_plain_value() -> None:
     plan = validate(compose_config([]), environ={})
     assert isinstance(plan, Plan) and plan.world == World() and plan.device == "cpu"
     assert plan.run_dir == Path("runs/default/cifar_net_bkn-analytic_g16_s2_seed0")
+
+
+TRAINING_LENGTHS = [
+    (["train.steps=7"], "7 steps = "),  # over the default train.epochs: 10
+    (["scale=smoke", "train.epochs=2"], "steps = 2.00 epochs"),  # over the smoke scale's train.steps: 4
+    (["train.steps=7", "train.epochs=null"], "7 steps = "),
+    (["train.epochs=3"], "steps = 3.00 epochs"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "length"), TRAINING_LENGTHS, ids=[" ".join(o) for o, _ in TRAINING_LENGTHS])
+def test_a_training_length_alone_on_the_command_line_wins(overrides: list[str], length: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_train_main(monkeypatch, [*overrides, f"out_dir={tmp_path}", "dry_run=true"]) == 0
+    assert length in capsys.readouterr().out
+
+
+def test_steps_and_epochs_both_on_the_command_line_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_train_main(monkeypatch, ["train.steps=7", "train.epochs=2", f"out_dir={tmp_path}", "dry_run=true"]) == 2
+    error = capsys.readouterr().err
+    assert error == "error: train.steps=7 and train.epochs=2 are both given on the command line; give one of them\n"
+
+
+def test_readme_docs_and_configs_point_at_nothing_outside_the_project() -> None:
+    root = CONFIG_DIR.parent
+    files = [root / "README.md", *(root / "docs").rglob("*.md"), *CONFIG_DIR.rglob("*.yaml")]
+    outside = [f"{path.relative_to(root)}:{number}: {line.strip()}" for path in files
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if "../shared" in line or "shared/design" in line or "/work/" in line]
+    assert len(files) > 20 and outside == []

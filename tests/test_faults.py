@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+import bkn.engine.loop as loop
 from bkn.engine.batches import StepBatches
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
+from bkn.engine.evaluate import EvalResult
 from bkn.engine.records import read_metrics, read_summary
 from bkn.models import build_model
 from data_writers import write_cifar10, write_image_folders
@@ -119,7 +121,55 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path, monkeyp
         "error: stopped at step 5: 3 optimizer steps in a row had a non-finite loss or gradient and were skipped "
         f"(train.max_bad_steps=3); the last good checkpoint is {checkpoint_path(run_dir)} (step 4). "
         "Lower optim.lr, use amp=bf16 instead of fp16, or check the data"]
-    assert read_summary(run_dir)["status"] == "failed"
+    assert read_summary(run_dir)["status"] == "diverged"
+
+
+def test_a_run_blown_up_by_its_learning_rate_is_diverged_not_finished(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    register_tiny_net(monkeypatch)
+    overrides = [*TINY, "optim.lr=1e12", "train.max_bad_steps=20", f"out_dir={tmp_path}"]
+    assert run_train_main(monkeypatch, overrides) == 1
+    assert read_summary(tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0")["status"] == "diverged"
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: diverged at step ")
+    assert error[0].endswith("Lower optim.lr (it is 1e+12), use amp=bf16 instead of fp16, or check the data")
+
+
+def test_a_non_finite_final_evaluation_is_diverged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Finite parameters whose every later step is skipped (too few for train.max_bad_steps) and
+    whose evaluation loss is nan: the case of a CIFAR net blown up by optim.lr=1e12."""
+    register_tiny_net(monkeypatch)
+    _poison_steps(monkeypatch, set(range(3, 100)))
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: EvalResult(10.0, 50.0, math.nan, 20))
+    assert run_train_main(monkeypatch, [*TINY, "train.max_bad_steps=20", f"out_dir={tmp_path}"]) == 1
+    summary = read_summary(tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0")
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: diverged at step 3: the final evaluation's loss is nan (population statistics); 3 of 6 steps were "
+        "skipped as non-finite. Lower optim.lr (it is 0.05), use amp=bf16 instead of fp16, or check the data"]
+
+
+def test_non_finite_parameters_are_diverged_at_the_next_log_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    register_tiny_net(monkeypatch)
+    original = loop.optimizer_step
+
+    def overflowing_step(session: Any, *args: Any) -> torch.Tensor:
+        found_inf = original(session, *args)
+        if session.step == 2:  # the update of step 3 overflows a weight; the loss stays finite
+            with torch.no_grad():
+                next(session.raw_model.parameters()).view(-1)[0] = math.inf
+        return found_inf
+
+    monkeypatch.setattr(loop, "optimizer_step", overflowing_step)
+    overrides = [*TINY, "train.log_every=2", f"out_dir={tmp_path}"]
+    assert run_train_main(monkeypatch, overrides) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [  # found at step 4's log point, step 4 skipped
+        "error: diverged at step 3: the parameters are no longer finite; 1 of 4 steps were skipped as non-finite. "
+        "Lower optim.lr (it is 0.05), use amp=bf16 instead of fp16, or check the data"]
+    assert read_summary(tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0")["status"] == "diverged"
 
 
 def test_a_failing_wandb_never_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

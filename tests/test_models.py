@@ -207,3 +207,115 @@ def test_cifar_net_width_matches_bkn_linear_parameter_count():
     assert abs(widened - bkn_linear) / bkn_linear < 0.01
     with pytest.raises(ValueError, match="width must be positive"):
         build_model("cifar_net", 10, {"name": "bn"}, 32, width=0)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("name", ["cifar_net", "preact_resnet32"])
+def test_eval_model_classifies_any_batch_each_example_as_alone(name, norm):
+    """A model trained with statistics groups of 2 classifies one image, or five, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(name, 5, NORMS[norm], small_size(name))
+    N.set_step(model, 10)
+    with torch.no_grad():
+        for seed in range(3):  # a few training steps' worth of running statistics
+            model(images(4, name, seed))
+    model.eval()
+    x = images(5, name, seed=10)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cifar_net", "inception_v2", "resnet18", "preact_resnet32"])
+def test_a_normalizer_name_alone_is_a_norm_spec(name):
+    size = 224 if name in ("inception_v2", "resnet18") else 32
+    with torch.device("meta"):
+        for norm in ("bn", "brn", "bkn"):
+            assert repr(build_model(name, 10, norm, size)) == repr(build_model(name, 10, {"name": norm}, size))
+    block = N.ConvNormAct(3, 4, 3, "bkn")
+    assert isinstance(block.norm, N.KalmanNorm2d) and block.norm.in_features == 3
+
+
+DEPLOYED = [("cifar_net", "bn"), ("cifar_net", "bkn-analytic"), ("preact_resnet32", "bn"),
+            ("preact_resnet32", "bkn-analytic")]
+
+
+def trained(name: str, norm: str) -> nn.Module:
+    """A model with a few training steps' running statistics and random affine parameters, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(name, 5, NORMS[norm], small_size(name))
+    randomize_norms(model)
+    with torch.no_grad():
+        for seed in range(2):
+            model(images(4, name, seed))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, norm", DEPLOYED)
+def test_an_eval_model_exports_with_a_dynamic_batch_and_gives_the_same_outputs(name, norm):
+    model = trained(name, norm)
+    exported = torch.export.export(model, (images(4, name),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    for batch in (1, 3, 5):
+        x = images(batch, name, seed=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+@pytest.mark.parametrize("name, norm", [*DEPLOYED, ("cifar_net", "brn"), ("cifar_net", "bkn-linear"),
+                                        ("preact_resnet32", "bkn-monte_carlo"), ("resnet18", "bkn-linear")])
+def test_to_torch_batchnorm_gives_torch_layers_and_the_same_outputs(name, norm):
+    model = trained(name, norm)
+    N.set_step(model, 10)
+    x = images(5, name, seed=3)
+    with torch.no_grad():
+        expected = model(x)
+        converted = N.to_torch_batchnorm(model)
+        norms = [m for m in converted.modules() if isinstance(m, (nn.BatchNorm2d, N.BatchNorm2d, N.BatchRenorm2d,
+                                                                  N.KalmanNorm2d)) and m.track_running_stats]
+        assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
+        torch.testing.assert_close(converted(x), expected)
+        traced = torch.jit.trace(converted, x)  # TorchScript takes it
+        torch.testing.assert_close(traced(images(2, name, seed=4)), converted(images(2, name, seed=4)))
+
+
+def test_converted_conv_norm_fuses_with_torch_fusion():
+    block = N.ConvNormAct(3, 4, 3, {"name": "bkn", "statistics_batch_size": 2}, first=True)
+    randomize_norms(block)
+    block.eval()
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        expected, _ = block(x)
+        N.to_torch_batchnorm(block)
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(block.conv, block.norm)
+        torch.testing.assert_close(torch.relu(fused(x)), expected, rtol=1e-4, atol=1e-5)
+    assert type(N.to_torch_batchnorm(N.BatchRenorm1d(4))) is nn.BatchNorm1d  # a layer itself: its replacement
+    option_a = N.BatchNorm2d(4, inference="batch")  # needs test-batch statistics: not BatchNorm in eval
+    assert N.to_torch_batchnorm(option_a) is option_a
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_a_model_in_float64_float16_or_bfloat16_trains_and_evaluates_like_float32(norm, dtype):
+    torch.manual_seed(0)
+    reference = build_model("cifar_net", 5, NORMS[norm], 8)
+    model = build_model("cifar_net", 5, NORMS[norm], 8)
+    model.load_state_dict(reference.state_dict())
+    model.to(dtype)
+    N.set_step(reference, 10), N.set_step(model, 10)
+    x = images(4, "cifar_net")
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float64 else {"rtol": 0.1, "atol": 0.15}
+    for training in (True, False):
+        reference.train(training), model.train(training)
+        torch.manual_seed(1)  # the same Monte-Carlo samples
+        expected = reference(x[:3] if not training else x)
+        torch.manual_seed(1)
+        got = model((x[:3] if not training else x).to(dtype))
+        assert got.dtype == dtype
+        assert torch.isfinite(got).all()
+        if not (norm == "bkn-monte_carlo" and dtype == torch.float64):  # float64 draws other samples
+            torch.testing.assert_close(got.float(), expected, **tolerance)
+        if training:
+            got.float().logsumexp(1).sum().backward()
+            assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters())

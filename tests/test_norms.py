@@ -468,3 +468,123 @@ def test_group_norm_ignores_statistics_groups_and_inference():
         layer(torch.randn(4, 5, 3, 3))
     with pytest.raises(ValueError, match="normalizer 'gn' has no option 'gain'"):
         N.build_norm("gn", 8, gain=0.5)
+
+
+# --- used like any PyTorch model: eval on any batch, dtypes, double backward -------------------
+
+EVERY_NORM = [{"name": "bn", "statistics_batch_size": 2},
+              {"name": "brn", "statistics_batch_size": 2, "warmup_steps": 0, "relax_steps": 1},
+              *({"name": "bkn", "statistics_batch_size": 2, "transition": t, "gain": 0.5} for t in TRANSITIONS)]
+NORM_IDS = ["bn", "brn", *(f"bkn-{t}" for t in TRANSITIONS)]
+
+
+def trained_two_layer(norm: dict) -> nn.ModuleList:
+    """A two-layer net with a few training steps' running statistics, in eval mode."""
+    net = two_layer(norm)
+    N.set_step(net, 10)
+    with torch.no_grad():
+        for seed in range(3):
+            run_two_layer(net, torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) + 1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("norm", EVERY_NORM, ids=NORM_IDS)
+def test_population_inference_takes_any_batch_and_each_example_alone(norm):
+    net = trained_two_layer(norm)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        together = run_two_layer(net, x)  # 5 examples with statistics groups of 2
+        alone = torch.cat([run_two_layer(net, x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    N.set_inference(net, "batch")  # option A keeps its rule: whole statistics groups only
+    with pytest.raises(ValueError, match="statistics_batch_size=2 does not divide the device batch of 5"):
+        run_two_layer(net, x)
+
+
+def bn_output_and_input_grad(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y = layer(x, None)[0] if getattr(layer, "carries_state", False) else layer(x)
+    (y.float() ** 2).sum().backward()
+    assert y.dtype == x.dtype and x.grad.dtype == x.dtype
+    return y.double(), x.grad.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bn", "brn", "bkn"])
+def test_layers_in_float64_float16_and_bfloat16_are_as_accurate_as_torch_batchnorm(name, dtype):
+    """Train and eval mode in each dtype, against torch.nn.BatchNorm2d in float64 (BRN in its
+    warm-up and BKN with gain 1 are BN): float64 to its precision, float16 and bfloat16 within
+    twice the error of torch's own BatchNorm2d in that dtype. Statistics: float64 for float64,
+    float32 otherwise."""
+    options = {"gain": 1.0} if name == "bkn" else {}
+    ours, torch_bn = N.build_norm(name, 3, **options).to(dtype), nn.BatchNorm2d(3).to(dtype)
+    exact = nn.BatchNorm2d(3).double()
+    x = torch.randn(4, 3, 5, 5).to(dtype)
+    for training in (True, False):
+        for layer in (ours, torch_bn, exact):
+            layer.train(training)
+        reference = bn_output_and_input_grad(exact, x.double())
+        got, torch_got = bn_output_and_input_grad(ours, x), bn_output_and_input_grad(torch_bn, x)
+        for value, torch_value, exact_value in zip(got, torch_got, reference):
+            if dtype == torch.float64:
+                torch.testing.assert_close(value, exact_value)
+            else:
+                torch_error = (torch_value - exact_value).abs().max()
+                assert (value - exact_value).abs().max() <= 2 * torch_error + torch.finfo(dtype).eps
+    expected_statistics = torch.float64 if dtype == torch.float64 else torch.float32
+    assert BF.group_stats(x, 2)[0].dtype == expected_statistics
+
+
+def test_gradgradcheck_bn_and_brn_in_float64_training_mode():
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bn = N.BatchNorm2d(3, statistics_batch_size=2).double()
+    assert torch.autograd.gradgradcheck(lambda v: bn(v), (x,))
+    brn = N.BatchRenorm2d(3, statistics_batch_size=2, r_max=2, d_max=0.5, warmup_steps=0, relax_steps=1,
+                          momentum=0.0).double()  # r and d saturated and fixed, as in the gradcheck above
+    N.set_step(brn, 1)
+    with torch.no_grad():
+        brn.running_mean.fill_(10.0), brn.running_var.fill_(100.0)
+    assert torch.autograd.gradgradcheck(lambda v: brn(v), (x,))
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS)
+def test_gradgradcheck_bkn_in_float64_training_mode(transition):
+    """Two BKN blocks, so the second layer's prior comes through the transition and the conv."""
+    torch.manual_seed(0)
+    norm = {"name": "bkn", "statistics_batch_size": 2, "transition": transition, "gain": 0.3, "monte_carlo_size": 2}
+    net = nn.ModuleList([N.ConvNormAct(2, 3, 3, norm, first=True), N.ConvNormAct(3, 3, 3, norm)]).double()
+    if transition == "linear":
+        with torch.no_grad():
+            net[1].norm.transition_matrix.normal_()  # A = 0 at initialization would hide the prior's path
+    for block in net:
+        block.act = nn.Softplus()  # smooth, so that finite differences of the gradient hold
+
+    def forward(v):
+        torch.manual_seed(1)  # the same Monte-Carlo samples in every evaluation
+        return run_two_layer(net, v)
+
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(forward, (x,))
+
+
+def test_single_backward_keeps_the_fused_kernel_and_create_graph_uses_tensor_ops(monkeypatch):
+    calls = []
+    differentiable = BF._differentiable_normalize_backward
+    monkeypatch.setattr(BF, "_differentiable_normalize_backward", lambda *a: calls.append(1) or differentiable(*a))
+    layer = N.BatchNorm2d(3, statistics_batch_size=2)
+    x = torch.randn(4, 3, 3, 3, requires_grad=True)
+    layer(x).pow(3).sum().backward()
+    assert calls == []
+    (grad,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    assert calls and grad.requires_grad
+    torch.testing.assert_close(grad.detach(), x.grad)  # the same gradient either way
+
+
+def test_group_norm_in_every_float_dtype_and_twice_differentiable():
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        layer = N.build_norm("gn", 4, num_groups=2).to(dtype)
+        x = torch.randn(3, 4, 5, 5).to(dtype)
+        torch.testing.assert_close(layer(x), nn.functional.group_norm(x, 2, layer.weight, layer.bias))
+    layer = N.build_norm("gn", 4, num_groups=2).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(layer, (x,))

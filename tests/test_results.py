@@ -327,3 +327,30 @@ def test_prior_fit_ratios_match_an_independent_computation_at_each_bkn_layer(tmp
         handle.remove()
     assert len(ratios) == len(expected) > 3
     assert ratios == pytest.approx(expected, rel=1e-4)
+
+
+def test_diverged_runs_are_shown_as_diverged_never_as_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed, value in enumerate([41.0, 43.0]):
+        write_run(runs, "fig3", "inception_v2", "bn", seed, setting=(256, 4), top1={"population": value},
+                  curve=[(5, value)])
+    # A diverged seed's numbers (as train.py records them up to the verdict) must not count.
+    write_run(runs, "fig3", "inception_v2", "bn", 2, setting=(256, 4), top1={"population": 99.0},
+              curve=[(5, 99.0)], status="diverged")
+    write_run(runs, "fig3", "resnet101", "bn", 0, setting=(256, 4), top1={"population": 99.0}, status="diverged")
+    drawn = []
+    monkeypatch.setattr(aggregate.plots, "plot_panels", lambda panels, *args: drawn.extend(panels))
+
+    aggregate.main(["fig3", "--runs-dir", str(runs), "--out-dir", str(out)])
+
+    table = read_csv(out / "fig3.csv")
+    assert float(table["inception_v2/bn", "top1_population"]["ours_mean"]) == 42.0
+    assert table["resnet101/bn", "top1_population"]["ours_status"] == "diverged"
+    markdown = markdown_rows(out / "fig3.md")
+    ours = "top-1 % (population stats, option B) — ours"
+    assert markdown["InceptionV2 + BN"][ours].endswith("(n=2), 1 diverged")
+    assert markdown["ResNet101 + BN"][ours] == "diverged"
+    curves = {curve.label: curve for panel in drawn for curve in panel.curves}
+    assert sorted(point for seed in curves["InceptionV2 + BN (1 diverged)"].seeds for point in seed) == [
+        (5, 41.0), (5, 43.0)]
+    assert curves["ResNet101 + BN (1 diverged)"].seeds == []

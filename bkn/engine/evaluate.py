@@ -1,9 +1,7 @@
 """Top-1 / top-5 accuracy and loss on the test set with either inference option of the paper.
 
 - ``population`` (option B): every normalizer uses its running statistics, so an example's output
-  does not depend on the rest of its batch. A last batch that is not a multiple of the statistics
-  batch size is padded with copies of its first example, which are not counted: every test example
-  is evaluated.
+  does not depend on the rest of its batch, and a batch of any size is evaluated whole.
 - ``batch`` (option A): each test batch is normalized in groups of the training
   ``statistics_batch_size`` with its own statistics. A last batch is trimmed to a multiple of it
   (a group must be full), and the result reports how many examples were evaluated.
@@ -32,14 +30,11 @@ class EvalResult:
 
 def _full_groups(images: Tensor, labels: Tensor, statistics_batch_size: int,
                  inference: str) -> tuple[Tensor, Tensor]:
-    remainder = len(labels) % statistics_batch_size
-    if remainder == 0:
+    """Option A's batch trimmed to whole statistics groups; option B's as it is."""
+    if inference != "batch":
         return images, labels
-    if inference == "batch":
-        keep = len(labels) - remainder
-        return images[:keep], labels[:keep]
-    padding = images[:1].expand(statistics_batch_size - remainder, *images.shape[1:])
-    return torch.cat([images, padding]), labels
+    keep = len(labels) - len(labels) % statistics_batch_size
+    return images[:keep], labels[:keep]
 
 
 @torch.no_grad()
@@ -63,7 +58,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, infe
                 continue
             labels = labels.to(device, non_blocking=True)
             with autocast():
-                logits = model(to_device(images))[: len(labels)].float()
+                logits = model(to_device(images)).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             correct1 += top[:, 0].sum()

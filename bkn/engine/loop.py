@@ -1,15 +1,18 @@
 """The training loop: accumulation, AMP, skipped non-finite steps, periodic evaluation and
-checkpoints, and a clean stop on SIGTERM / SIGINT.
+checkpoints, a clean stop on SIGTERM / SIGINT, and the verdict "diverged".
 
 One optimizer step = ``accumulation`` forward/backward passes over device batches (DDP syncs
 gradients only on the last, ``no_sync`` on the others), then one fused SGD update. Whether the
 step's loss or gradient is non-finite is computed as a flag tensor on the device and handed to the
 optimizer, which skips the update on the device: the host reads the flag (with the loss) only at
-the log points, every ``train.log_every`` steps.
+the log points, every ``train.log_every`` steps. Transient bad steps are skipped; a run diverges
+(``TrainingStopped``) when ``train.max_bad_steps`` come in a row, when the parameters are no longer
+finite at a log point, or when the final evaluation's loss is not finite.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,20 +35,22 @@ EvalCallback = Callable[[dict[str, EvalResult]], None]
 
 
 class TrainingStopped(RuntimeError):
-    """Training gave up on purpose; the message names the step and what survives."""
+    """Training diverged (the run's status is "diverged"); the message names the step and the fix."""
 
 
 class NonFiniteCounter:
     """Counts non-finite steps on the device: all skipped steps, the current run of them in a row
-    and the longest such run; also the loss of the finite steps since the last read."""
+    (and the step it began at) and the longest such run; also the loss of the finite steps since
+    the last read."""
 
     def __init__(self, device: torch.device, skipped_before: int) -> None:
         zero = torch.zeros((), device=device)
-        self.in_a_row, self.longest = zero.clone(), zero.clone()
+        self.in_a_row, self.longest, self.bad_since = zero.clone(), zero.clone(), zero.clone()
         self.loss_sum, self.finite_steps = zero.clone(), zero.clone()
         self.skipped = torch.full((), float(skipped_before), device=device)  # over the whole run
 
-    def update(self, found_inf: Tensor, loss: Tensor) -> None:
+    def update(self, found_inf: Tensor, loss: Tensor, step: int) -> None:
+        self.bad_since = torch.where((found_inf > 0) & (self.in_a_row == 0), step, self.bad_since)
         self.in_a_row = (self.in_a_row + 1) * found_inf  # back to 0 after a finite step
         self.longest = torch.maximum(self.longest, self.in_a_row)
         self.skipped += found_inf
@@ -62,6 +67,10 @@ class NonFiniteCounter:
 
     def skipped_steps(self) -> int:
         return int(self.skipped.item())
+
+    def last_good_step(self, step: int) -> int:
+        """The last step whose update was applied: ``step`` itself unless a run of bad steps goes on."""
+        return int(self.bad_since.item()) - 1 if self.in_a_row.item() > 0 else step
 
 
 class BufferSnapshot:
@@ -175,7 +184,7 @@ def _due(step: int, every: int | None) -> bool:
 def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_file: Path,
           on_eval: EvalCallback) -> str:
     """Train from ``session.step`` to the plan's last step, then checkpoint and evaluate.
-    Returns "finished" or "preempted"; raises TrainingStopped after too many bad steps in a row."""
+    Returns "finished" or "preempted"; raises TrainingStopped when the run diverges."""
     cfg, plan, optimizer = session.cfg, session.plan, session.optimizer
     counter = NonFiniteCounter(session.device, session.skipped_steps)
     buffers_before = BufferSnapshot(session.raw_model)
@@ -197,7 +206,7 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
             group["lr"] = learning_rate(session.step, plan.steps, cfg.optim.lr, cfg.schedule)
         buffers_before.take()
         loss = forward_backward(session, session.batches.next_step())
-        counter.update(optimizer_step(session, loss, buffers_before), loss)
+        counter.update(optimizer_step(session, loss, buffers_before), loss, session.step + 1)
         session.step += 1
         steps_since_log += 1
         logger.step(session.step)
@@ -213,6 +222,8 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
             steps_since_log = 0
             if longest >= cfg.train.max_bad_steps:
                 raise TrainingStopped(_bad_steps_message(session, longest, checkpoint_file))
+            if not _parameters_finite(session.raw_model):
+                raise TrainingStopped(_diverged_message(session, counter, "the parameters are no longer finite"))
         if session.step < plan.steps:
             clock.pause()
             if _due(session.step, cfg.eval.every):
@@ -224,8 +235,26 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
     session.train_seconds += clock.lap()
     if session.last_checkpoint_step != session.step:
         checkpoint()
-    on_eval(evaluate_all(session, logger))
+    final = evaluate_all(session, logger)
+    on_eval(final)
+    not_finite = [inference for inference, result in final.items() if not math.isfinite(result.loss)]
+    if not_finite:
+        inference = not_finite[0]
+        what = f"the final evaluation's loss is {final[inference].loss} ({inference} statistics)"
+        raise TrainingStopped(_diverged_message(session, counter, what))
     return "finished"
+
+
+def _parameters_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite: one host sync (at log points only). Not a norm, which
+    overflows for huge but finite weights."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def _diverged_message(session: Session, counter: NonFiniteCounter, what: str) -> str:
+    return (f"diverged at step {counter.last_good_step(session.step)}: {what}; {counter.skipped_steps()} of "
+            f"{session.step} steps were skipped as non-finite. Lower optim.lr (it is {session.cfg.optim.lr:g}), "
+            f"use amp=bf16 instead of fp16, or check the data")
 
 
 def _bad_steps_message(session: Session, longest: int, checkpoint_file: Path) -> str:

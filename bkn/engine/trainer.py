@@ -21,7 +21,7 @@ from bkn.engine.checkpoint import StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
 from bkn.engine.logging import RunLogger, WandbLogger
-from bkn.engine.loop import train
+from bkn.engine.loop import TrainingStopped, train
 from bkn.engine.records import RunRecord, read_summary
 from bkn.engine.session import Session, build_session
 
@@ -109,7 +109,7 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
 
 def run(cfg: DictConfig, plan: Plan) -> str:
     """Train as planned; returns the final status ("finished" or "preempted"). Raises
-    ``TrainingStopped`` after too many non-finite steps; any other error marks the run "failed"."""
+    ``TrainingStopped`` when the run diverges (status "diverged"); any other error marks it "failed"."""
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
     previous = read_summary(plan.run_dir)
@@ -143,6 +143,9 @@ def run(cfg: DictConfig, plan: Plan) -> str:
         record.write_summary(_summary(session, "running", final))
         try:
             status = train(session, logger, stop, checkpoint_path(plan.run_dir), on_eval)
+        except TrainingStopped:
+            status = "diverged"
+            raise
         finally:
             record.write_summary(_summary(session, status, final))
             logger.close(status)

@@ -44,8 +44,8 @@ def list_models() -> list[str]:
 def build_model(name: str, num_classes: int, norm: NormSpec, image_size: int, **options: Any) -> nn.Module:
     """Build model ``name`` for ``image_size`` x ``image_size`` inputs with normalizer ``norm``.
 
-    ``norm`` holds :func:`bkn.nn.build_norm`'s arguments. ``options`` are the model's own
-    (``in_channels``; ``zero_init_residual`` for the ResNets).
+    ``norm`` holds :func:`bkn.nn.build_norm`'s arguments, or is a normalizer's name (``"bn"``).
+    ``options`` are the model's own (``in_channels``; ``zero_init_residual`` for the ResNets).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (model=...)")

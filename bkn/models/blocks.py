@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from bkn.nn import NORMALIZERS, ConvNormAct, KalmanNorm2d, NormSpec, State, apply_norm, build_norm, concat_states
+from bkn.nn import (NORMALIZERS, ConvNormAct, KalmanNorm2d, NormSpec, State, apply_norm, build_norm,
+                    concat_states, norm_options)
 
 
 class NormAct(nn.Module):
@@ -22,7 +23,7 @@ class NormAct(nn.Module):
 
     def __init__(self, channels: int, norm: NormSpec) -> None:
         super().__init__()
-        self.norm = build_norm(num_features=channels, in_features=channels, **norm)
+        self.norm = build_norm(num_features=channels, in_features=channels, **norm_options(norm))
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
@@ -38,6 +39,7 @@ def build_transition(channels: int, in_channels: int, norm: NormSpec) -> KalmanN
     parameters and no running statistics, so only the linear transition's ``A`` is learned.
     ``None`` for BN / BRN.
     """
+    norm = norm_options(norm)
     if not getattr(NORMALIZERS.get(norm["name"]), "carries_state", False):
         return None
     return build_norm(num_features=channels, in_features=in_channels,

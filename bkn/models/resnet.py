@@ -17,7 +17,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from bkn.models.blocks import check_image_size, init_weights
-from bkn.nn import NormSpec, State, add_states, apply_norm, build_norm
+from bkn.nn import NormSpec, State, add_states, apply_norm, build_norm, norm_options
 
 TOTAL_STRIDE = 32
 
@@ -25,7 +25,7 @@ TOTAL_STRIDE = 32
 def conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: NormSpec,
               stride: int = 1) -> tuple[nn.Conv2d, nn.Module]:
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
-    return conv, build_norm(num_features=out_channels, in_features=in_channels, **norm)
+    return conv, build_norm(num_features=out_channels, in_features=in_channels, **norm_options(norm))
 
 
 class Downsample(nn.Sequential):
@@ -101,7 +101,7 @@ class ResNet(nn.Module):
                  norm: NormSpec, in_channels: int = 3, zero_init_residual: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.bn1 = build_norm(num_features=64, **norm)  # the first norm: no predecessor, no in_features
+        self.bn1 = build_norm(num_features=64, **norm_options(norm))  # the first norm: no predecessor, no in_features
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         channels = 64

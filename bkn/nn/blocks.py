@@ -7,14 +7,19 @@ push the previous layer's estimate through this very conv. Its forward takes and
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 from torch import Tensor, nn
 
 from bkn.nn.norms import build_norm
 from bkn.nn.state import State
 
-NormSpec = Mapping[str, Any]  # {"name": "bkn", "statistics_batch_size": 2, ...}: build_norm's arguments
+NormSpec = Union[Mapping[str, Any], str]  # {"name": "bkn", "statistics_batch_size": 2, ...}, or just "bn"
+
+
+def norm_options(norm: NormSpec) -> dict[str, Any]:
+    """:func:`build_norm`'s keyword arguments for ``norm``: a name alone is short for ``{"name": name}``."""
+    return {"name": norm} if isinstance(norm, str) else dict(norm)
 
 
 def apply_norm(norm: nn.Module, y: Tensor, state: State, conv: nn.Conv2d | None) -> tuple[Tensor, State]:
@@ -41,7 +46,8 @@ class ConvNormAct(nn.Module):
         if padding is None:
             padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, tuple) else kernel_size // 2
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        self.norm = build_norm(num_features=out_channels, in_features=None if first else in_channels, **norm)
+        self.norm = build_norm(num_features=out_channels, in_features=None if first else in_channels,
+                               **norm_options(norm))
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:

@@ -94,7 +94,8 @@ class _GroupedNorm(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__} was built for {self.num_features} channels (num_features) "
                              f"but got input with {x.shape[1]} channels")
-        BF.num_groups(x.shape[0], self.statistics_batch_size)  # raises with the fix named
+        if self._uses_batch_statistics():  # population statistics take any batch, as torch's BN does
+            BF.num_groups(x.shape[0], self.statistics_batch_size)  # raises with the fix named
 
     def _uses_batch_statistics(self) -> bool:
         return self.training or self.inference == "batch" or not self.track_running_stats
@@ -111,7 +112,9 @@ class _GroupedNorm(nn.Module):
         self.num_batches_tracked.add_(1)
 
     def _normalize_with_running_stats(self, x: Tensor) -> Tensor:
-        return BF.normalize(x, self.running_mean[None].float(), self.running_var[None].float(),
+        """One group: each example is normalized on its own, whatever the batch size."""
+        dtype = BF.statistics_dtype(x.dtype)
+        return BF.normalize(x, self.running_mean[None].to(dtype), self.running_var[None].to(dtype),
                             self.weight, self.bias, self.eps)
 
 
@@ -167,9 +170,9 @@ class BatchRenorm2d(_GroupedNorm):
         if not (self.training and self.track_running_stats):  # option A: plain batch statistics
             return BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
         with torch.no_grad():
-            running_std = (self.running_var.float() + self.eps).sqrt()
+            running_std = (self.running_var.to(var.dtype) + self.eps).sqrt()
             r = ((var + self.eps).sqrt() / running_std).clamp(1 / self.r_max, self.r_max)
-            d = ((mean - self.running_mean.float()) / running_std).clamp(-self.d_max, self.d_max)
+            d = ((mean - self.running_mean.to(mean.dtype)) / running_std).clamp(-self.d_max, self.d_max)
         self._update_running_stats(mean, var, x)
         # weight * (x_hat * r + d) + bias == normalize with weight * r and bias + weight * d:
         # at r = 1, d = 0 the same numbers as BN, bit for bit.
@@ -271,13 +274,14 @@ class KalmanNorm2d(_GroupedNorm):
         if self.transition == "linear" and not hasattr(self, "noise_raw"):
             raise ValueError("KalmanNorm2d(transition='linear') needs in_features, the previous layer's channels")
         with torch.autocast(previous.mean.device.type, enabled=False):  # statistics stay float32
+            dtype = previous.mean.dtype  # A and r in the statistics' dtype, as the other transitions cast W
             if not self.propagate:
-                noise = nn.functional.softplus(self.noise_raw).to(previous.mean.dtype)
                 shape = (previous.mean.shape[0], self.num_features)
-                mean, var = previous.mean.new_zeros(shape), noise.expand(shape)
+                mean = previous.mean.new_zeros(shape)
+                var = nn.functional.softplus(self.noise_raw).to(dtype).expand(shape)
             elif self.transition == "linear":
-                mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix,
-                                                 nn.functional.softplus(self.noise_raw))
+                mean, var = BF.linear_transition(previous.mean, previous.var, self.transition_matrix.to(dtype),
+                                                 nn.functional.softplus(self.noise_raw).to(dtype))
             elif self.transition == "analytic":
                 mean, var = BF.analytic_transition(previous.mean, previous.var, conv)
             else:
