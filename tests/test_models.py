@@ -23,11 +23,12 @@ NORMS = {
     "bkn-analytic": {"name": "bkn", "statistics_batch_size": 2, "transition": "analytic"},
     "bkn-monte_carlo": {"name": "bkn", "statistics_batch_size": 2, "transition": "monte_carlo"},
     "bkn-linear": {"name": "bkn", "statistics_batch_size": 2, "transition": "linear"},
+    "gn": {"name": "gn", "statistics_batch_size": 2, "num_groups": 4},
 }
 # Enough for the default suite: each normalizer, each BKN transition, each kind of model.
 FAST = {("cifar_net", norm) for norm in NORMS} | {("preact_resnet32", norm) for norm in NORMS} | {
     ("resnet18", "bn"), ("resnet18", "brn"), ("resnet18", "bkn-linear"), ("resnet50", "bkn-analytic"),
-    ("inception_v2", "bkn-analytic")}
+    ("inception_v2", "bkn-analytic"), ("inception_v2", "gn")}
 
 
 def small_size(name: str) -> int:
@@ -65,8 +66,9 @@ def randomize_norms(model: nn.Module) -> None:
     """Affine parameters and running statistics away from 1 and 0, so that mistakes show."""
     with torch.no_grad():
         for layer in model.modules():
-            if isinstance(layer, (nn.BatchNorm2d, N.BatchNorm2d, N.KalmanNorm2d)) and layer.affine:
+            if isinstance(layer, (nn.BatchNorm2d, N.BatchNorm2d, N.KalmanNorm2d, N.GroupNorm2d)) and layer.affine:
                 layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
+            if isinstance(layer, (nn.BatchNorm2d, N.BatchNorm2d, N.KalmanNorm2d)) and layer.affine:
                 layer.running_mean.uniform_(-0.5, 0.5), layer.running_var.uniform_(0.5, 2.0)
 
 
@@ -264,7 +266,8 @@ def test_an_eval_model_exports_with_a_dynamic_batch_and_gives_the_same_outputs(n
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 @pytest.mark.parametrize("name, norm", [*DEPLOYED, ("cifar_net", "brn"), ("cifar_net", "bkn-linear"),
-                                        ("preact_resnet32", "bkn-monte_carlo"), ("resnet18", "bkn-linear")])
+                                        ("preact_resnet32", "bkn-monte_carlo"), ("resnet18", "bkn-linear"),
+                                        ("preact_resnet32", "gn")])
 def test_to_torch_batchnorm_gives_torch_layers_and_the_same_outputs(name, norm):
     model = trained(name, norm)
     N.set_step(model, 10)
@@ -274,7 +277,8 @@ def test_to_torch_batchnorm_gives_torch_layers_and_the_same_outputs(name, norm):
         converted = N.to_torch_batchnorm(model)
         norms = [m for m in converted.modules() if isinstance(m, (nn.BatchNorm2d, N.BatchNorm2d, N.BatchRenorm2d,
                                                                   N.KalmanNorm2d)) and m.track_running_stats]
-        assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
+        assert all(type(m) is nn.BatchNorm2d for m in norms) and (norms or norm == "gn")
+        assert not any(isinstance(m, N.GroupNorm2d) for m in converted.modules())  # GN: torch's GroupNorm
         torch.testing.assert_close(converted(x), expected)
         traced = torch.jit.trace(converted, x)  # TorchScript takes it
         torch.testing.assert_close(traced(images(2, name, seed=4)), converted(images(2, name, seed=4)))

@@ -1,4 +1,5 @@
-"""Deployment: a trained model's BN / BRN / BKN layers as PyTorch's own BatchNorm.
+"""Deployment: a trained model's BN / BRN / BKN layers as PyTorch's own BatchNorm (and GN as
+PyTorch's GroupNorm).
 
 In eval mode with population statistics (option B) every one of our layers computes
 ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``, per example: BRN's ``r`` and
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bkn.nn.norms import BatchNorm2d, BatchRenorm2d, KalmanNorm2d, _GroupedNorm
+from bkn.nn.norms import BatchNorm2d, BatchRenorm2d, GroupNorm2d, KalmanNorm2d, _GroupedNorm
 
 TORCH_BATCHNORM: dict[tuple[int, ...], type[nn.modules.batchnorm._BatchNorm]] = {
     (0, 1): nn.BatchNorm1d, (2,): nn.BatchNorm2d, (3,): nn.BatchNorm3d}
@@ -26,6 +27,15 @@ def _converts(module: nn.Module) -> bool:
     """
     return (isinstance(module, (BatchNorm2d, BatchRenorm2d, KalmanNorm2d))  # their 1d / 3d variants too
             and module.track_running_stats and module.inference == "population")
+
+
+def _torch_group_norm(layer: GroupNorm2d) -> nn.GroupNorm:
+    """GN computes the same in train and eval mode: torch's GroupNorm with the same groups and weights."""
+    group_norm = nn.GroupNorm(layer.num_groups, layer.num_features, eps=layer.eps, affine=layer.affine)
+    if layer.affine:
+        group_norm.load_state_dict(layer.state_dict())
+        group_norm.to(layer.weight.device, layer.weight.dtype)
+    return group_norm.train(layer.training)
 
 
 def _torch_batchnorm(layer: _GroupedNorm) -> nn.modules.batchnorm._BatchNorm:
@@ -45,8 +55,9 @@ def _torch_batchnorm(layer: _GroupedNorm) -> nn.modules.batchnorm._BatchNorm:
 
 def to_torch_batchnorm(model: nn.Module) -> nn.Module:
     """Replace, in place, every BN / BRN / BKN layer of ``model`` that uses population statistics
-    by ``torch.nn.BatchNorm1d/2d/3d`` with its running statistics, affine parameters and eps;
-    returns ``model`` (or the replacement, if ``model`` is such a layer itself).
+    by ``torch.nn.BatchNorm1d/2d/3d`` with its running statistics, affine parameters and eps, and
+    every GN layer by ``torch.nn.GroupNorm``; returns ``model`` (or the replacement, if ``model``
+    is such a layer itself).
 
     In eval mode the outputs are the same. The replacements carry no BKN estimate: the models of
     :mod:`bkn.models` and :class:`~bkn.nn.ConvNormAct` call every norm through
@@ -56,8 +67,12 @@ def to_torch_batchnorm(model: nn.Module) -> nn.Module:
     """
     if _converts(model):
         return _torch_batchnorm(model)
+    if isinstance(model, GroupNorm2d):
+        return _torch_group_norm(model)
     for parent in model.modules():
         for name, child in parent.named_children():
             if _converts(child):
                 setattr(parent, name, _torch_batchnorm(child))
+            elif isinstance(child, GroupNorm2d):
+                setattr(parent, name, _torch_group_norm(child))
     return model
