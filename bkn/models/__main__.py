@@ -1,4 +1,4 @@
-"""``python -m bkn.models NAME [--norm bn|brn|bkn|all]``: parameters and MACs, BN vs BRN vs BKN."""
+"""``python -m bkn.models NAME [--norm bn|brn|gn|bkn|all]``: parameters and MACs, BN vs BRN vs GN vs BKN."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from bkn.models.summary import NORM_VARIANTS, format_table, summarize
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bkn.models", description=__doc__)
     parser.add_argument("name", choices=[*list_models(), "all"], help="a model, or all of them")
-    parser.add_argument("--norm", choices=["bn", "brn", "bkn", "all"], default="all")
+    parser.add_argument("--norm", choices=["bn", "brn", "gn", "bkn", "all"], default="all")
     parser.add_argument("--image-size", type=int, help="default: the paper's (224 ImageNet, 32 CIFAR)")
     parser.add_argument("--num-classes", type=int, help="default: the paper's (1000 ImageNet, 10 CIFAR)")
     args = parser.parse_args(argv)

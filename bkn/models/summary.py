@@ -19,6 +19,7 @@ from bkn.models import PAPER_INPUT, build_model
 NORM_VARIANTS: dict[str, dict[str, Any]] = {
     "bn": {"name": "bn"},
     "brn": {"name": "brn"},
+    "gn": {"name": "gn"},
     "bkn (analytic)": {"name": "bkn", "transition": "analytic"},
     "bkn (monte_carlo)": {"name": "bkn", "transition": "monte_carlo"},
     "bkn (linear)": {"name": "bkn", "transition": "linear"},
