@@ -20,26 +20,35 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
 from fig8_statistics import build_trained_model  # noqa: E402
 from run_records import Run, load_local  # noqa: E402
 
+from bkn.data import build_datasets  # noqa: E402
 from bkn.functional import group_stats  # noqa: E402
+from bkn.models import build_model  # noqa: E402
 from bkn.nn import KalmanNorm2d, set_inference  # noqa: E402
 
 FAR = 2.0  # a layer's prior counts as far off when its median ratio is beyond FAR or below 1 / FAR
 
 
-@torch.no_grad()
 def layer_ratios(run: Run, batches: int, device: torch.device) -> list[float]:
-    """Median ``prior variance / observed variance`` of each BKN layer that gets a prior, over
-    ``batches`` test batches; in network order."""
+    """Median ``prior variance / observed variance`` of each BKN layer that gets a prior in ``run``'s
+    trained network, over ``batches`` test batches; in network order."""
     model, loader, statistics_batch_size = build_trained_model(run, device)
+    return model_ratios(model, loader, statistics_batch_size, batches, device)
+
+
+@torch.no_grad()
+def model_ratios(model: nn.Module, loader: Iterable, statistics_batch_size: int, batches: int,
+                 device: torch.device) -> list[float]:
+    """:func:`layer_ratios` for any BKN network, with inference option A (the training grouping)."""
     set_inference(model, "batch")
     ratios: dict[str, list[Tensor]] = defaultdict(list)
 
@@ -66,12 +75,36 @@ def layer_ratios(run: Run, batches: int, device: torch.device) -> list[float]:
     return [torch.cat(values).median().item() for values in ratios.values()]
 
 
+def initial_rows(batches: int, seeds: Sequence[int] = (0, 1, 2), statistics_batch_size: int = 1) -> list[dict]:
+    """The same statistics before any training: the study's network (preact_resnet32 on digits,
+    initialized as train.py does for each seed) with BKN passing on its input's or its output's
+    statistics. No run records needed."""
+    test = build_datasets("digits").test
+    loader = DataLoader(test, batch_size=32, shuffle=False)
+    groups: dict[tuple, list[list[float]]] = defaultdict(list)
+    for transition in ("analytic", "monte_carlo"):
+        for state_from in ("input", "output"):
+            norm = {"name": "bkn", "statistics_batch_size": statistics_batch_size, "transition": transition,
+                    "gain": 0.1, "state_from": state_from}
+            for seed in seeds:
+                torch.manual_seed(seed)  # train.py's initialization of seed `seed`
+                model = build_model("preact_resnet32", 10, norm, 8, in_channels=1)
+                variant = f"bkn-{transition}" + ("-state_input" if state_from == "input" else "")
+                groups[(32, statistics_batch_size), variant].append(
+                    model_ratios(model, loader, statistics_batch_size, batches, torch.device("cpu")))
+    return _rows(groups)
+
+
 def summarize(runs: Sequence[Run], batches: int, device: torch.device) -> list[dict]:
     """One row per (setting, BKN variant): the median over seeds of each run's statistics."""
     groups: dict[tuple, list[list[float]]] = defaultdict(list)
     for run in runs:
         if run.finished and run.summary.get("normalizer") == "bkn":
             groups[run.setting, run.variant].append(layer_ratios(run, batches, device))
+    return _rows(groups)
+
+
+def _rows(groups: dict[tuple, list[list[float]]]) -> list[dict]:
     rows = []
     for (setting, variant), per_seed in sorted(groups.items(), key=lambda item: (-item[0][0][0], item[0][1])):
         rows.append({
@@ -84,8 +117,8 @@ def summarize(runs: Sequence[Run], batches: int, device: torch.device) -> list[d
     return rows
 
 
-def write_markdown(rows: list[dict], path: Path, command: str) -> None:
-    lines = ["# BKN's prior against its observation, in trained networks", "",
+def write_markdown(rows: list[dict], path: Path, command: str, when: str = "in trained networks") -> None:
+    lines = [f"# BKN's prior against its observation, {when}", "",
              "Per BKN layer that receives a prior: the median over test statistics groups and channels of "
              "`prior variance / observed variance` (1 = the prediction matches the observation). Each "
              "column is the median over seeds of that statistic across the network's layers.", "",

@@ -8,7 +8,8 @@ the final training loss, mean ± std over the finished seeds. From the main grid
 ``steps_to_baseline.md`` (optimizer steps and examples until a run first reaches 95% of the
 large-batch BN baseline's final top-1) and ``variance_gap.{md,png}`` (the Fig. 8 analogue); from the
 main grid and from ``study_state``, ``prior_fit.md`` / ``prior_fit_state.md`` (scripts/prior_fit.py:
-how far each BKN layer's prior lies from what it observes).
+how far each BKN layer's prior lies from what it observes), and the same before any training,
+``prior_fit_initial.md``.
 
 The first line of results/study/README.md is this script's: whether the study converged (the
 large-batch BN baseline at >= 97% top-1 with population statistics). The rest of the README is
@@ -260,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows = prior_fit.summarize(runs, batches=4, device=torch.device("cpu"))
             if rows:
                 prior_fit.write_markdown(rows, args.out_dir / PRIOR_FIT[experiment], "make study")
+    if not args.no_checkpoints:  # before any training: what each kind of state predicts at initialization
+        prior_fit.write_markdown(prior_fit.initial_rows(batches=4), args.out_dir / "prior_fit_initial.md",
+                                 "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
     main_runs = load_local(args.runs_dir, ["study"])
     line = status_line(baseline_top1(main_runs))
     times = wall_times(args.runs_dir)

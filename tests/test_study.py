@@ -157,3 +157,15 @@ def test_readme_first_line_says_whether_the_baseline_converged(tmp_path: Path, b
         assert f"{baseline:.1f}%" in first
     assert rest == ["", "# The CPU study", "", "Written by hand."]
     assert "= B" in (out / "study.md").read_text()  # GN: options A and B are one thing
+
+
+def test_initial_prior_fit_tells_input_from_output_states() -> None:
+    """At initialization the ResNet's residual stream makes the input-state prior far too wide."""
+    import prior_fit
+
+    rows = {row["variant"]: row for row in prior_fit.initial_rows(batches=1, seeds=(0,))}
+    assert set(rows) == {"bkn-analytic", "bkn-analytic-state_input", "bkn-monte_carlo", "bkn-monte_carlo-state_input"}
+    for transition in ("analytic", "monte_carlo"):
+        passed_input, passed_output = rows[f"bkn-{transition}-state_input"], rows[f"bkn-{transition}"]
+        assert passed_input["highest"] > 10 * passed_output["highest"]
+        assert passed_input["far"] > passed_output["far"]
