@@ -88,7 +88,7 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names the key and the fix."""
 
 
-def _under(key: str, prefixes: Sequence[str]) -> bool:
+def is_under(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
 
 
@@ -107,12 +107,12 @@ def defined_keys(config_dir: Path = CONFIG_DIR) -> set[str]:
     """Every key that configs/ defines: config.yaml's own and, under its group's name, each group
     file's. Files of the global package (experiment/, scale/) only set keys defined elsewhere."""
     keys = {key for key, _ in config_leaves(OmegaConf.load(config_dir / "config.yaml"))
-            if not _under(key, ("defaults", "hydra"))}
+            if not is_under(key, ("defaults", "hydra"))}
     for group in sorted(path for path in config_dir.iterdir() if path.is_dir() and path.name != "hydra"):
         for file in group.glob("*.yaml"):
             if "# @package _global_" not in file.read_text():
                 keys |= {f"{group.name}.{key}" for key, _ in config_leaves(OmegaConf.load(file))
-                         if not _under(key, ("defaults",))}
+                         if not is_under(key, ("defaults",))}
     return keys
 
 
@@ -127,7 +127,7 @@ def _refuse_unknown_keys(cfg: DictConfig, config_dir: Path = CONFIG_DIR) -> None
         return
     known = defined_keys(config_dir)
     for key, _ in config_leaves(cfg):
-        if not _under(key, BUILT_GROUPS) and key not in known:
+        if not is_under(key, BUILT_GROUPS) and key not in known:
             raise ConfigError(f"unknown key {key}{nearest_key(key, known)}; every key is listed in docs/training.md")
 
 
@@ -138,14 +138,15 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
         value = OmegaConf.select(cfg, prefix, default=None)
         plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         for key, leaf in config_leaves(plain, prefix):
-            if not _under(key, NOT_RUN_DEFINING_KEYS):
+            if not is_under(key, NOT_RUN_DEFINING_KEYS):
                 settings[key] = leaf
     return settings
 
 
 def first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
-    """``"optim.lr=0.1, this config has optim.lr=0.05"``-style text for the first setting that differs."""
-    for key in sorted(before.keys() | now.keys()):
+    """``"optim.lr=0.1, this config has optim.lr=0.05"``-style text for the first setting that
+    differs; a changed ``name`` (another model, normalizer, data set) is named before its options."""
+    for key in sorted(before.keys() | now.keys(), key=lambda key: (not key.endswith(".name"), key)):
         old, new = before.get(key, "<unset>"), now.get(key, "<unset>")
         if old != new:
             return f"{key}={old}, this config has {key}={new}"
@@ -169,7 +170,7 @@ def run_name(cfg: DictConfig, overrides: Sequence[str]) -> str:
         return cfg.run_name
     settings = {}
     for key, value in parsed:
-        if _under(key, RUN_DEFINING_KEYS) and not _under(key, NOT_RUN_DEFINING_KEYS) and key not in NAME_KEYS:
+        if is_under(key, RUN_DEFINING_KEYS) and not is_under(key, NOT_RUN_DEFINING_KEYS) and key not in NAME_KEYS:
             resolved = OmegaConf.select(cfg, key, default=None)
             if isinstance(resolved, DictConfig):  # a group: its option's name
                 settings[key] = value

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from bkn.config import validate
+from bkn.config import run_name, validate
 from bkn.engine import run
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
 from bkn.models import MODELS
@@ -64,11 +64,19 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def train_in_process(out_dir: Path, overrides: list[str]) -> Path:
-    """Compose, validate and run like train.py does; returns the run directory."""
-    cfg = compose_config([f"out_dir={out_dir}", *overrides])
+    """Compose, name, validate and run like train.py does; returns the run directory."""
+    overrides = [f"out_dir={out_dir}", *overrides]
+    cfg = compose_config(overrides)
+    cfg.run_name = run_name(cfg, overrides)
     plan = validate(cfg, environ={})
     run(cfg, plan)
     return plan.run_dir
+
+
+def the_run_dir(out_dir: Path) -> Path:
+    """The one run directory under ``out_dir`` (its name depends on the overrides)."""
+    (run_dir,) = {path.parent for path in out_dir.rglob("config.yaml") if path.parent.name != ".hydra"}
+    return run_dir
 
 
 def run_train_script() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bkn.config import ConfigError, Plan, first_difference, run_settings
+from bkn.config import ConfigError, Plan, first_difference, is_under, run_settings
 from bkn.engine.checkpoint import Interrupted, StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
@@ -27,6 +27,8 @@ from bkn.engine.records import RunRecord, read_summary
 from bkn.engine.session import CHECKPOINT_FORMAT, Session, build_session
 
 log = logging.getLogger("bkn")
+
+MODEL_SHAPING_KEYS = ("model", "normalizer", "batch.statistics")  # what resume=<path> must share
 
 @dataclass(frozen=True)
 class Start:
@@ -64,6 +66,10 @@ def _saved_settings(run_dir: Path) -> dict[str, Any] | None:
     return run_settings(OmegaConf.load(saved_config)) if saved_config.exists() else None
 
 
+def _model_shaping(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if is_under(key, MODEL_SHAPING_KEYS)}
+
+
 def decide_start(cfg: DictConfig, plan: Plan) -> Start:
     """What ``resume`` means for this run directory (the dry run prints it). A checkpoint or a
     finished run made with other run-defining settings is another run: refused, never continued
@@ -91,11 +97,14 @@ def decide_start(cfg: DictConfig, plan: Plan) -> Start:
             return Start("new")
         checkpoint = _read_checkpoint(last)
         return Start("resume", last, checkpoint, checkpoint["step"])
+    # A checkpoint path continues that model with this config's length, schedule and data: only
+    # the settings that shape the model must agree. Checkpoints record their settings; for older
+    # ones, the config.yaml of the run they belong to (and, failing that, session's state check).
     source = Path(cfg.resume)
     checkpoint = _read_checkpoint(source)
-    # Checkpoints record their settings; for older ones, the config.yaml of the run they belong to.
     made_with = checkpoint.get("settings") or _saved_settings(source.parent.parent)
-    difference = first_difference(made_with, settings) if made_with is not None else None
+    difference = (first_difference(_model_shaping(made_with), _model_shaping(settings))
+                  if made_with is not None else None)
     if difference:
         raise ConfigError(f"resume={source}: that checkpoint was made with {difference}; resume it with the same "
                           f"settings, or pass resume=null to start over")
