@@ -16,6 +16,7 @@ import difflib
 import os
 import re
 import sys
+import time
 
 # Hydra's own errors (a typo in a key or an option) reach the handler at the bottom as exceptions,
 # turned into one line there, instead of Hydra's multi-line report.
@@ -35,6 +36,7 @@ from bkn.engine.checkpoint import Interrupted  # noqa: E402
 from bkn.engine.session import load_datasets  # noqa: E402
 from bkn.engine.trainer import decide_start  # noqa: E402
 
+OTHER_RANKS_WAIT_S = 5
 refusals: list[str] = []  # a dry run of a sweep checks every job, then reports them all
 
 
@@ -46,8 +48,14 @@ def one_line(error: Exception) -> str:
 
 
 def refuse(message: str, code: int = 2) -> None:
-    if detect_world().is_main:  # under torchrun every rank gets the same error: one says it
-        print(f"error: {message}", file=sys.stderr)
+    world = detect_world()
+    if not world.is_main:
+        # Under torchrun every rank meets the same bad setting: rank 0 says it, and when it exits the
+        # launcher stops the other ranks during this wait. A setting that only this rank refuses
+        # (e.g. a GPU it lacks) is said after the wait, by this rank.
+        time.sleep(OTHER_RANKS_WAIT_S)
+        message = f"rank {world.rank}: {message}"
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 

@@ -3,8 +3,8 @@ subprocess, and a tiny two-block network for tests where the engine, not the mod
 
 ``TinyNet`` is registered as model ``tiny_net`` by ``register_tiny_net`` (in this process) or by
 ``FAULT_RUNNER`` (a train.py wrapper the subprocess tests run, which can also inject a fault:
-``BKN_TEST_FAULT=kill@7`` SIGKILLs itself during optimizer step 7, ``term@7`` sends itself SIGTERM,
-``raise@7:1`` raises on rank 1).
+``BKN_TEST_FAULT=kill@7`` SIGKILLs itself during optimizer step 7, ``term@7`` / ``int@7`` send
+itself SIGTERM / SIGINT, ``raise@7:1`` raises on rank 1).
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ if fault:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif action == "term":
                 os.kill(os.getpid(), signal.SIGTERM)
+            elif action == "int":  # Ctrl+C
+                os.kill(os.getpid(), signal.SIGINT)
             else:
                 raise RuntimeError(f"injected failure at step {{step}} on rank {{session.plan.world.rank}}")
         return original_step(session, *args)
