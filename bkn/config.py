@@ -411,8 +411,9 @@ def _data(cfg: DictConfig) -> None:
     _int(cfg, "data.num_workers", minimum=0)
     root = _get(cfg, "data.root")
     if name in DATA_ON_DISK and not _bool(cfg, "data.download") and not Path(root or ".").is_dir():
+        download = "" if name == "imagenet" else " or pass data.download=true"  # ImageNet needs a login
         raise ConfigError(f"data.root={root} does not exist; point data.root at the folder that holds {name} "
-                          f"(docs/data.md says what goes inside) or pass data.download=true")
+                          f"(docs/data.md says what goes inside){download}")
 
 
 def _device(cfg: DictConfig, world: World) -> str:

@@ -89,8 +89,10 @@ def decide_start(cfg: DictConfig, plan: Plan) -> Start:
         if (finished or last.exists()) and saved is not None:
             difference = first_difference(saved, settings)
             if difference:
-                raise ConfigError(f"resume=auto: {plan.run_dir} holds a run made with {difference}; pass "
-                                  f"resume=null to start it over, or choose another run_name")
+                fix = ("delete that folder to replace it" if finished  # resume=null would refuse too
+                       else "pass resume=null to start it over")
+                raise ConfigError(f"resume=auto: {plan.run_dir} holds a {'finished ' if finished else ''}run made "
+                                  f"with {difference}; {fix}, or choose another run_name")
         if finished:
             return Start("finished", step=previous["step"])
         if not last.exists():
