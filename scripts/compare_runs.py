@@ -60,10 +60,11 @@ def settings(run: Run) -> dict[str, Any]:
 
 
 def differing(runs: list[Run]) -> list[str]:
-    """The settings whose values are not the same in every run."""
+    """The settings that differ between the runs that have them (a BKN option that BN runs lack
+    is no difference: the normalizer column shows it)."""
     all_settings = [settings(run) for run in runs]
     keys = sorted(set().union(*all_settings))
-    return [key for key in keys if len({repr(values.get(key, "-")) for values in all_settings}) > 1]
+    return [key for key in keys if len({repr(values[key]) for values in all_settings if key in values}) > 1]
 
 
 def _accuracy(summary: dict[str, Any], inference: str) -> str:
