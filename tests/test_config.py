@@ -169,6 +169,15 @@ def test_bad_settings_are_rejected_with_one_line(overrides: list[str], message: 
     assert "\n" not in str(error.value)
 
 
+def test_missing_imagenet_is_not_told_to_download() -> None:
+    """ImageNet cannot be downloaded (it needs a login): its error offers only data.root."""
+    with pytest.raises(ConfigError) as imagenet:
+        validate(compose_config(["data=imagenet", "data.root=/nonexistent/imagenet"]), environ={})
+    assert "data.download" not in str(imagenet.value)
+    with pytest.raises(ConfigError, match="or pass data.download=true"):
+        validate(compose_config(["data=cifar100", "data.root=/nonexistent/cifar"]), environ={})
+
+
 def test_world_size_enters_the_divisibility_checks() -> None:
     with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
         validate(compose_config(["batch.gradient=16"]), environ={"RANK": "0", "WORLD_SIZE": "3"})
