@@ -67,6 +67,9 @@ def test_resume_null_never_overwrites_a_finished_run_of_other_settings(tmp_path:
     with pytest.raises(ConfigError, match=rf"resume=null: {run_dir} holds a finished run made with optim.lr=0.05, "
                                           r"this config has optim.lr=0.2; delete that folder"):
         train_in_process(tmp_path, [*mine, "optim.lr=0.2"])
+    other = checkpoint_path(train_in_process(tmp_path / "other", [*TINY, "train.steps=2"]))
+    with pytest.raises(ConfigError, match=rf"resume={other}: {run_dir} holds a finished run made with optim.lr"):
+        train_in_process(tmp_path, [*mine[:-1], "optim.lr=0.2", f"resume={other}"])  # nor from a checkpoint
     assert (run_dir / "metrics.jsonl").read_text() == metrics
     assert train_in_process(tmp_path, mine) == run_dir  # the same settings: trained again, as asked
 

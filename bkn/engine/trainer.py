@@ -1,9 +1,11 @@
 """``run(cfg, plan)``: one training run from start (or checkpoint) to its run record's final summary.
 
-Decides whether to resume (``resume=auto`` continues ``<run dir>/checkpoints/last.pt`` made with the
-same settings and does nothing for a finished run), joins the process group, builds the session,
-trains, and keeps ``summary.json`` current: "running" while training, then "finished",
-"preempted" (SIGTERM / SIGINT: checkpoint saved) or "failed".
+Decides how the run starts (``decide_start``, which the dry run prints too: ``resume=auto``
+continues ``<run dir>/checkpoints/last.pt`` made with the same settings and does nothing for a
+finished run; ``resume=null`` never overwrites a finished run of other settings; a checkpoint path
+must fit the model), joins the process group, builds the session, logs the plan, trains, and
+keeps ``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
+SIGINT: checkpoint saved, then ``Interrupted`` is raised) or "failed".
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bkn.engine.session import CHECKPOINT_FORMAT, Session, build_session
 log = logging.getLogger("bkn")
 
 MODEL_SHAPING_KEYS = ("model", "normalizer", "batch.statistics")  # what resume=<path> must share
+
 
 @dataclass(frozen=True)
 class Start:
@@ -78,11 +81,13 @@ def decide_start(cfg: DictConfig, plan: Plan) -> Start:
     previous = read_summary(plan.run_dir)
     finished = previous is not None and previous["status"] == "finished"
     saved = _saved_settings(plan.run_dir)
-    if cfg.resume is None:
+    if cfg.resume != "auto":  # starting over, or from another checkpoint: never over another finished run
         difference = first_difference(saved, settings) if finished and saved is not None else None
         if difference:
-            raise ConfigError(f"resume=null: {plan.run_dir} holds a finished run made with {difference}; delete "
-                              f"that folder to replace it, or give this run its own run_name=...")
+            resume = "null" if cfg.resume is None else cfg.resume
+            raise ConfigError(f"resume={resume}: {plan.run_dir} holds a finished run made with {difference}; "
+                              f"delete that folder to replace it, or give this run its own run_name=...")
+    if cfg.resume is None:
         return Start("new")
     if cfg.resume == "auto":
         last = checkpoint_path(plan.run_dir)
