@@ -63,7 +63,7 @@ def refuse(message: str, code: int = 2) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    cfg.run_name = run_name(cfg, hydra_cfg.overrides.task)
+    cfg.run_name = run_name(cfg, hydra_cfg.overrides.task, experiment_sweep=hydra_cfg.sweeper.get("params") or {})
     dry_run = cfg.get("dry_run") is True
     try:
         plan = validate(cfg)

@@ -26,7 +26,7 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -160,17 +160,20 @@ def _parse_override(override: str) -> tuple[str, str | None]:
     return key.partition("@")[0], (value if "=" in override and not override.startswith("~") else None)
 
 
-def run_name(cfg: DictConfig, overrides: Sequence[str]) -> str:
+def run_name(cfg: DictConfig, overrides: Sequence[str], experiment_sweep: Collection[str] = ()) -> str:
     """The run's folder name: ``cfg.run_name`` as given on the command line, else config.yaml's name
-    plus ``_<hash>`` of the command line's overrides of run-defining settings the name does not show
-    (their resolved values; a group by its option), so that e.g. ``-m optim.lr=0.1,0.05`` gives each
-    job its own folder and the same command always finds the same one."""
+    plus ``_<hash>`` of the job's overrides of run-defining settings the name does not show (their
+    resolved values; a group by its option), so that e.g. ``-m optim.lr=0.1,0.05`` gives each job
+    its own folder and the same command always finds the same one. Keys that the experiment file
+    sweeps itself (``experiment_sweep``: its ``hydra.sweeper.params``) are part of the experiment,
+    whose run names tell its jobs apart."""
     parsed = [_parse_override(override) for override in overrides]
     if any(key == "run_name" for key, _ in parsed):
         return cfg.run_name
     settings = {}
     for key, value in parsed:
-        if is_under(key, RUN_DEFINING_KEYS) and not is_under(key, NOT_RUN_DEFINING_KEYS) and key not in NAME_KEYS:
+        if (is_under(key, RUN_DEFINING_KEYS) and not is_under(key, NOT_RUN_DEFINING_KEYS) and key not in NAME_KEYS
+                and key not in experiment_sweep):
             resolved = OmegaConf.select(cfg, key, default=None)
             if isinstance(resolved, DictConfig):  # a group: its option's name
                 settings[key] = value

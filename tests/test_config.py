@@ -102,6 +102,10 @@ def test_run_name_gets_a_suffix_only_for_run_defining_overrides_it_does_not_show
                 name(["train.steps=2", "train.epochs=null"]), name(["++optim.lr=0.2"]), name(["normalizer.gain=0.5"]),
                 name(["data=synthetic", "data.train_size=64"])}) == 7
     assert name(["optim.lr=0.1", "run_name=mine"]) == "mine"  # given explicitly: used as given
+    swept = ["experiment=fig8", "data=cifar10", "normalizer=bn"]  # a job of fig8's own sweep (data: cifar10)
+    plain = compose_config(swept).run_name
+    assert run_name(compose_config(swept), swept, experiment_sweep={"data", "normalizer"}) == plain
+    assert run_name(compose_config(swept), swept) != plain  # the same override from the command line
 
 
 def test_unknown_keys_are_refused_with_the_nearest_known_key() -> None:
