@@ -96,7 +96,7 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path,
-                        help="run folders (<out_dir>/<experiment>/<run>) or experiment folders (<out_dir>/<experiment>)")
+                        help="run folders (<out_dir>/<experiment>/<run>), experiment folders (<out_dir>/<experiment>)")
     args = parser.parse_args()
     run_dirs = find_runs(args.paths)
     if not run_dirs:

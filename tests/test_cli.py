@@ -41,7 +41,7 @@ def test_a_learning_rate_sweep_gives_each_job_its_own_folder_and_reruns_find_the
     (["+train.step=3"], "error: unknown key train.step (did you mean train.steps?)"),
     (["+optim.weight_decy=0"], "error: unknown key optim.weight_decy (did you mean optim.weight_decay?)"),
     (["model=resnet105"], "error: model=resnet105: configs/model/ has no such option; nearest: resnet152, resnet101"),
-    (["normalizer=bn", "normalizer.gain=0.5"], "error: normalizer.gain is not a setting of the normalizer option chosen"),
+    (["normalizer=bn", "normalizer.gain=0.5"], "error: normalizer.gain is not a setting of the normalizer option"),
     (["batch.statistics=3"], "error: batch.statistics=3 does not divide the device batch"),
 ])
 def test_a_typo_or_bad_setting_is_one_line_exit_2_and_leaves_nothing_on_disk(

