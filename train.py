@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 # Hydra's own errors (a typo in a key or an option) reach the handler at the bottom as exceptions,
 # turned into one line there, instead of Hydra's multi-line report.
@@ -38,6 +39,7 @@ from bkn.engine.trainer import decide_start  # noqa: E402
 
 OTHER_RANKS_WAIT_S = 5
 refusals: list[str] = []  # a dry run of a sweep checks every job, then reports them all
+sweep_dirs: set[Path] = set()  # where Hydra wrote multirun.yaml before the jobs ran
 
 
 def one_line(error: Exception) -> str:
@@ -63,6 +65,8 @@ def refuse(message: str, code: int = 2) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_dirs.add(Path(hydra_cfg.sweep.dir))
     cfg.run_name = run_name(cfg, hydra_cfg.overrides.task, experiment_sweep=hydra_cfg.sweeper.get("params") or {})
     dry_run = cfg.get("dry_run") is True
     try:
@@ -101,6 +105,17 @@ def hydra_error_line(error: ConfigCompositionException | OverrideParseException)
     return "; ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
 
 
+def drop_lone_sweep_record() -> None:
+    """A sweep that made no run (refused, or a dry run) leaves nothing: Hydra's multirun.yaml goes,
+    and the folders that held only it."""
+    for sweep_dir in sweep_dirs:
+        if sweep_dir.is_dir() and [path.name for path in sweep_dir.iterdir()] == ["multirun.yaml"]:
+            (sweep_dir / "multirun.yaml").unlink()
+            sweep_dir.rmdir()
+            if sweep_dir.parent.is_dir() and not any(sweep_dir.parent.iterdir()):  # out_dir
+                sweep_dir.parent.rmdir()
+
+
 def refuse_slurm_dry_run(arguments: list[str]) -> None:
     """A dry run validates here; with the SLURM launcher, Hydra would submit the jobs first."""
     if any(re.fullmatch(r"dry_run=[Tt]rue", a) for a in arguments) and any(
@@ -115,5 +130,7 @@ if __name__ == "__main__":
         main()
     except (ConfigCompositionException, OverrideParseException) as error:  # before main's body runs
         refuse(hydra_error_line(error))
+    finally:
+        drop_lone_sweep_record()
     if refusals:
         refuse(f"dry run: {len(refusals)} job(s) of the sweep would be refused (above)")

@@ -43,13 +43,14 @@ def test_a_learning_rate_sweep_gives_each_job_its_own_folder_and_reruns_find_the
     (["model=resnet105"], "error: model=resnet105: configs/model/ has no such option; nearest: resnet152, resnet101"),
     (["normalizer=bn", "normalizer.gain=0.5"], "error: normalizer.gain is not a setting of the normalizer option"),
     (["batch.statistics=3"], "error: batch.statistics=3 does not divide the device batch"),
+    (["-m", "batch.statistics=3,5"], "error: batch.statistics=3 does not divide the device batch"),  # a sweep
 ])
 def test_a_typo_or_bad_setting_is_one_line_exit_2_and_leaves_nothing_on_disk(
         overrides: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)  # Hydra's own folders would appear here
     assert run_train_main(monkeypatch, [*overrides, f"out_dir={tmp_path / 'runs'}"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "[HYDRA]" not in line]
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert list(tmp_path.iterdir()) == []
 
@@ -79,6 +80,9 @@ def test_a_dry_run_checks_every_job_as_the_real_run_would(tmp_path: Path, monkey
     assert output.err.strip().endswith("error: dry run: 2 job(s) of the sweep would be refused (above)")
     assert sorted(path.stat().st_mtime_ns for path in tmp_path.rglob("*") if path.is_file()
                   if path.name != "multirun.yaml") == before  # nothing trained or rewritten
+    new = tmp_path / "new"
+    assert run_train_main(monkeypatch, ["-m", *SHORT, "seed=0,1", f"out_dir={new}", "dry_run=true"]) == 0
+    assert not new.exists()  # a dry run leaves nothing, not even Hydra's multirun.yaml
     assert read_summary(run_dir)["status"] == "finished"
 
 
