@@ -8,14 +8,25 @@ directory). A bad setting raises :class:`ConfigError` with one line naming the k
 building them (the model on the meta device: no memory, no time), so every option their
 constructors accept is accepted here and nothing else.
 
+Unknown keys are refused too: every key of the composed config must be one that ``configs/``
+defines (``config.yaml`` or a file of its group; model, normalizer and data options are checked by
+building them), so ``+train.step=3`` is an error naming ``train.steps``, not a silent no-op.
+
+``run_name(cfg, overrides)`` is the run's folder name: config.yaml's ``run_name`` (model,
+normalizer, ``(g, s)``, seed) plus a short hash of the command line's other run-defining overrides,
+so that every job of a sweep gets its own folder.
+
 Importing this module registers the ``bkn.normalizer_label`` and ``bkn.model_label`` resolvers
 that ``run_name`` uses.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -59,8 +70,120 @@ INFERENCE_OPTIONS = ("population", "batch")
 DATA_ON_DISK = ("cifar10", "cifar100", "imagenet")  # the others are bundled or generated
 
 
+# The folder that train.py composes (the repository's configs/, next to the bkn package).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Groups whose options are checked by building them (build_norm, build_model, the data builders).
+BUILT_GROUPS = ("model", "normalizer", "data")
+
+# The settings that decide what a run computes. resume refuses a checkpoint made with others, and a
+# command-line override of one that the run name does not show gives the run its own folder.
+RUN_DEFINING_KEYS = ("model", "normalizer", "data", "batch", "train.steps", "train.epochs", "optim", "schedule",
+                     "seed", "amp")
+NOT_RUN_DEFINING_KEYS = ("data.root", "data.download", "data.num_workers")  # where the data is, how it is read
+# What config.yaml's run_name shows: overriding these needs no suffix.
+NAME_KEYS = ("model", "model.name", "model.width", "normalizer", "normalizer.name", "normalizer.transition",
+             "batch.gradient", "batch.statistics", "seed")
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names the key and the fix."""
+
+
+def is_under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
+
+
+def config_leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """``("optim.lr", 0.1), ...`` for a (nested) config or container; lists are leaves. Unresolved."""
+    if isinstance(value, DictConfig):
+        value = {name: value._get_node(name) for name in value.keys()}
+    if isinstance(value, dict) and value:
+        for name, child in value.items():
+            yield from config_leaves(child, f"{key}.{name}" if key else str(name))
+    else:
+        yield key, value
+
+
+def defined_keys(config_dir: Path = CONFIG_DIR) -> set[str]:
+    """Every key that configs/ defines: config.yaml's own and, under its group's name, each group
+    file's. Files of the global package (experiment/, scale/) only set keys defined elsewhere."""
+    keys = {key for key, _ in config_leaves(OmegaConf.load(config_dir / "config.yaml"))
+            if not is_under(key, ("defaults", "hydra"))}
+    for group in sorted(path for path in config_dir.iterdir() if path.is_dir() and path.name != "hydra"):
+        for file in group.glob("*.yaml"):
+            if "# @package _global_" not in file.read_text():
+                keys |= {f"{group.name}.{key}" for key, _ in config_leaves(OmegaConf.load(file))
+                         if not is_under(key, ("defaults",))}
+    return keys
+
+
+def nearest_key(key: str, known: set[str]) -> str:
+    """`` (did you mean train.steps?)`` or ``""``."""
+    matches = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
+def _refuse_unknown_keys(cfg: DictConfig, config_dir: Path = CONFIG_DIR) -> None:
+    if not (config_dir / "config.yaml").is_file():  # bkn used as a library, without train.py's configs/
+        return
+    known = defined_keys(config_dir)
+    for key, _ in config_leaves(cfg):
+        if not is_under(key, BUILT_GROUPS) and key not in known:
+            raise ConfigError(f"unknown key {key}{nearest_key(key, known)}; every key is listed in docs/training.md")
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{"optim.lr": 0.1, ...}``: the resolved run-defining settings, as plain values."""
+    settings = {}
+    for prefix in RUN_DEFINING_KEYS:
+        value = OmegaConf.select(cfg, prefix, default=None)
+        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, leaf in config_leaves(plain, prefix):
+            if not is_under(key, NOT_RUN_DEFINING_KEYS):
+                settings[key] = leaf
+    return settings
+
+
+def first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """``"optim.lr=0.1, this config has optim.lr=0.05"``-style text for the first setting that
+    differs; a changed ``name`` (another model, normalizer, data set) is named before its options."""
+    for key in sorted(before.keys() | now.keys(), key=lambda key: (not key.endswith(".name"), key)):
+        old, new = before.get(key, "<unset>"), now.get(key, "<unset>")
+        if old != new:
+            return f"{key}={old}, this config has {key}={new}"
+    return None
+
+
+def _parse_override(override: str) -> tuple[str, str | None]:
+    """``("optim.lr", "0.1")`` for ``optim.lr=0.1``, ``+optim.lr=0.1`` or ``++optim.lr=0.1``;
+    ``("model.width", None)`` for ``~model.width``."""
+    key, _, value = override.lstrip("+~").partition("=")
+    return key.partition("@")[0], (value if "=" in override and not override.startswith("~") else None)
+
+
+def run_name(cfg: DictConfig, overrides: Sequence[str], experiment_sweep: Collection[str] = ()) -> str:
+    """The run's folder name: ``cfg.run_name`` as given on the command line, else config.yaml's name
+    plus ``_<hash>`` of the job's overrides of run-defining settings the name does not show (their
+    resolved values; a group by its option), so that e.g. ``-m optim.lr=0.1,0.05`` gives each job
+    its own folder and the same command always finds the same one. Keys that the experiment file
+    sweeps itself (``experiment_sweep``: its ``hydra.sweeper.params``) are part of the experiment,
+    whose run names tell its jobs apart."""
+    parsed = [_parse_override(override) for override in overrides]
+    if any(key == "run_name" for key, _ in parsed):
+        return cfg.run_name
+    settings = {}
+    for key, value in parsed:
+        if (is_under(key, RUN_DEFINING_KEYS) and not is_under(key, NOT_RUN_DEFINING_KEYS) and key not in NAME_KEYS
+                and key not in experiment_sweep):
+            resolved = OmegaConf.select(cfg, key, default=None)
+            if isinstance(resolved, DictConfig):  # a group: its option's name
+                settings[key] = value
+            else:
+                settings[key] = OmegaConf.to_container(resolved) if isinstance(resolved, ListConfig) else resolved
+    if not settings:
+        return cfg.run_name
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.run_name}_{digest}"
 
 
 def normalizer_label(normalizer: DictConfig) -> str:
@@ -310,8 +433,9 @@ def _data(cfg: DictConfig) -> None:
     _int(cfg, "data.num_workers", minimum=0)
     root = _get(cfg, "data.root")
     if name in DATA_ON_DISK and not _bool(cfg, "data.download") and not Path(root or ".").is_dir():
+        download = "" if name == "imagenet" else " or pass data.download=true"  # ImageNet needs a login
         raise ConfigError(f"data.root={root} does not exist; point data.root at the folder that holds {name} "
-                          f"(docs/data.md says what goes inside) or pass data.download=true")
+                          f"(docs/data.md says what goes inside){download}")
 
 
 def _device(cfg: DictConfig, world: World) -> str:
@@ -358,6 +482,7 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     image_size = _model(cfg, norm)
     device = _device(cfg, world)
     run_dir = _run_settings(cfg)
+    _refuse_unknown_keys(cfg)
     return Plan(world=world, device=device, gradient_batch_size=gradient, statistics_batch_size=statistics,
                 per_device_batch_size=per_device, accumulation=accumulation, eval_batch_size=eval_batch,
                 image_size=image_size, train_steps=steps, train_epochs=epochs, run_dir=run_dir, amp=cfg.amp,

@@ -1,51 +1,110 @@
-"""Print runs side by side from their run records (summary.json): accuracy with both inference
-options, setting, status and speed.
+"""Print runs side by side from their run records: experiment, data, learning rate, normalizer,
+setting, status, accuracy with both inference options, speed, and a column for every other
+setting that differs between the runs (read from their config.yaml).
 
-    python scripts/compare_runs.py runs/demo/*
+    python scripts/compare_runs.py runs/demo                 # every run of an experiment
+    python scripts/compare_runs.py runs/demo/* runs/lrsweep  # run folders, experiment folders, globs
+
+Anything that is not a run (Hydra's multirun.yaml, a .submitit folder) is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from bkn.engine.records import read_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COLUMNS = ("run", "normalizer", "setting (g, s)", "steps", "status", "top-1 population (B)", "top-1 batch (A)",
-           "examples/s")
+from run_records import Run, load_run  # noqa: E402
+
+COLUMNS = ("run", "experiment", "data", "lr", "normalizer", "setting (g, s)", "steps", "status",
+           "top-1 population (B)", "top-1 batch (A)", "examples/s")
+# Settings that decide what a run computes (bkn.config.RUN_DEFINING_KEYS, less where the data
+# lives), and those the fixed columns already show.
+RUN_DEFINING = ("model", "normalizer", "data", "batch", "train.steps", "train.epochs", "optim", "schedule", "seed",
+                "amp")
+NOT_COMPARED = ("data.root", "data.download", "data.num_workers", "data.name", "optim.lr", "normalizer.name",
+                "normalizer.transition", "batch.gradient", "batch.statistics")
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders (those with a summary.json): each path is one, or an experiment folder of them."""
+    found = []
+    for path in paths:
+        if (path / "summary.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(summary.parent for summary in path.glob("*/summary.json")))
+    return list(dict.fromkeys(found))
+
+
+def _leaves(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {leaf: item for name, child in value.items() for leaf, item in _leaves(child, f"{key}.{name}").items()}
+    return {key: value}
+
+
+def settings(run: Run) -> dict[str, Any]:
+    """The run's run-defining settings, ``{"optim.momentum": 0.9, ...}``, from its config.yaml."""
+    values: dict[str, Any] = {}
+    for prefix in RUN_DEFINING:
+        node: Any = run.config
+        for part in prefix.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            values.update(_leaves(node, prefix))
+    return {key: value for key, value in values.items()
+            if not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_COMPARED)}
+
+
+def differing(runs: list[Run]) -> list[str]:
+    """The settings that differ between the runs that have them (a BKN option that BN runs lack
+    is no difference: the normalizer column shows it)."""
+    all_settings = [settings(run) for run in runs]
+    keys = sorted(set().union(*all_settings))
+    return [key for key in keys if len({repr(values[key]) for values in all_settings if key in values}) > 1]
 
 
 def _accuracy(summary: dict[str, Any], inference: str) -> str:
-    result = summary["final"].get(inference)
+    result = (summary.get("final") or {}).get(inference)
     return "-" if result is None else f"{result['top1']:.2f}%"
 
 
-def row(summary: dict[str, Any]) -> tuple[str, ...]:
+def row(run: Run, extra: list[str]) -> tuple[str, ...]:
+    summary = run.summary
     normalizer = summary["normalizer"] + (f" ({summary['transition']})" if summary["transition"] else "")
     speed = summary["examples_per_s"]
-    return (summary["run"], normalizer, f"({summary['gradient_batch_size']}, {summary['statistics_batch_size']})",
+    lr = (run.config.get("optim") or {}).get("lr")
+    run_settings = settings(run)
+    return (run.name, run.experiment, str(summary.get("data")), "-" if lr is None else f"{lr:g}", normalizer,
+            f"({summary['gradient_batch_size']}, {summary['statistics_batch_size']})",
             f"{summary['step']}/{summary['steps']}", summary["status"], _accuracy(summary, "population"),
-            _accuracy(summary, "batch"), "-" if speed is None else f"{speed:.0f}")
+            _accuracy(summary, "batch"), "-" if speed is None else f"{speed:.0f}",
+            *(str(run_settings.get(key, "-")) for key in extra))
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """A Markdown table, its columns padded to line up in a terminal too."""
-    widths = [max(len(cells[i]) for cells in (COLUMNS, *rows)) for i in range(len(COLUMNS))]
-    lines = [COLUMNS, tuple("-" * width for width in widths), *rows]
+    widths = [max(len(cells[i]) for cells in (header, *rows)) for i in range(len(header))]
+    lines = [header, tuple("-" * width for width in widths), *rows]
     return "\n".join("| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
                      for cells in lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (<out_dir>/<experiment>/<run>)")
+    parser.add_argument("paths", nargs="+", type=Path,
+                        help="run folders (<out_dir>/<experiment>/<run>), experiment folders (<out_dir>/<experiment>)")
     args = parser.parse_args()
-    summaries = [read_summary(run_dir) for run_dir in args.run_dirs]
-    missing = [str(run_dir) for run_dir, summary in zip(args.run_dirs, summaries) if summary is None]
-    if missing:
-        parser.error(f"no summary.json in {', '.join(missing)}: not a run directory, or the run has not started")
-    print(table([row(summary) for summary in summaries]))
+    run_dirs = find_runs(args.paths)
+    if not run_dirs:
+        parser.error(f"no run records (summary.json) in {', '.join(map(str, args.paths))} or the folders inside: "
+                     f"pass run folders or experiment folders, e.g. runs/demo")
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    extra = differing(runs)
+    print(table((*COLUMNS, *extra), [row(run, extra) for run in runs]))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ are derived from the settings, and bad settings are rejected with one line namin
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bkn.config import ConfigError, Plan, World, validate
+from bkn.config import ConfigError, Plan, World, defined_keys, run_name, validate
 from bkn.data import BUILDERS
 from bkn.models import list_models
 from bkn.nn import NORMALIZERS
@@ -77,9 +78,46 @@ def test_run_name_and_directories_come_from_the_settings() -> None:
         cfg = compose("config", overrides=["normalizer=bkn_monte_carlo", "batch.gradient=64", "batch.statistics=8",
                                            "seed=3", "experiment_name=table9"], return_hydra_config=True)
         assert cfg.run_name == "cifar_net_bkn-monte_carlo_g64_s8_seed3"
-        assert cfg.hydra.run.dir == "runs/table9/cifar_net_bkn-monte_carlo_g64_s8_seed3"
-        assert (cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir) == ("runs/table9", cfg.run_name)
+        # Hydra makes no folder of its own: a run makes its record once validated.
+        assert (cfg.hydra.run.dir, cfg.hydra.sweep.subdir, cfg.hydra.output_subdir) == (".", ".", None)
+        assert "file" not in cfg.hydra.job_logging.handlers
         assert compose("config", overrides=["normalizer=bn"]).run_name == "cifar_net_bn_g16_s2_seed0"
+
+
+NAME_ONLY = ["normalizer=bn", "model=resnet18", "batch.gradient=64", "batch.statistics=8", "seed=3",
+             "experiment=table1", "scale=smoke", "out_dir=elsewhere", "resume=null", "logger=wandb", "device=cpu",
+             "data.root=/somewhere", "data.num_workers=2", "checkpoint.every=5", "eval.every=7", "dry_run=true"]
+
+
+def test_run_name_gets_a_suffix_only_for_run_defining_overrides_it_does_not_show() -> None:
+    def name(overrides: list[str]) -> str:
+        return run_name(compose_config(overrides), overrides)
+
+    assert name(NAME_ONLY) == compose_config(NAME_ONLY).run_name  # the make targets' names, unchanged
+    lr_01, lr_005 = name(["optim.lr=0.1"]), name(["optim.lr=0.05"])
+    assert lr_01.startswith("cifar_net_bkn-analytic_g16_s2_seed0_") and len({lr_01, lr_005}) == 2
+    assert name(["optim.lr=0.1"]) == lr_01  # stable: a rerun finds its folder
+    assert name(["optim.lr=1e-1"]) == lr_01  # resolved values, not spellings
+    assert len({name(["data=synthetic"]), name(["data=digits"]), name(["schedule=cosine"]),
+                name(["train.steps=2", "train.epochs=null"]), name(["++optim.lr=0.2"]), name(["normalizer.gain=0.5"]),
+                name(["data=synthetic", "data.train_size=64"])}) == 7
+    assert name(["optim.lr=0.1", "run_name=mine"]) == "mine"  # given explicitly: used as given
+    swept = ["experiment=fig8", "data=cifar10", "normalizer=bn"]  # a job of fig8's own sweep (data: cifar10)
+    plain = compose_config(swept).run_name
+    assert run_name(compose_config(swept), swept, experiment_sweep={"data", "normalizer"}) == plain
+    assert run_name(compose_config(swept), swept) != plain  # the same override from the command line
+
+
+def test_unknown_keys_are_refused_with_the_nearest_known_key() -> None:
+    for overrides, message in [(["+train.step=3"], "unknown key train.step (did you mean train.steps?)"),
+                               (["+optim.weight_decy=0"], "unknown key optim.weight_decy (did you mean optim.weight_"),
+                               (["+eval.evry=5"], "unknown key eval.evry (did you mean eval.every?)"),
+                               (["+colour=red"], "unknown key colour;")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(compose_config(overrides), environ={})
+    known = defined_keys()
+    assert {"optim.lr", "schedule.milestones", "logger.wandb.tags", "train.steps", "normalizer.gain"} <= known
+    assert not any(key.startswith(("hydra", "defaults", "experiment.", "scale.")) for key in known)
 
 
 def test_slurm_launcher_runs_one_task_per_gpu() -> None:
@@ -133,6 +171,15 @@ def test_bad_settings_are_rejected_with_one_line(overrides: list[str], message: 
         validate(compose_config(overrides), environ={})
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_missing_imagenet_is_not_told_to_download() -> None:
+    """ImageNet cannot be downloaded (it needs a login): its error offers only data.root."""
+    with pytest.raises(ConfigError) as imagenet:
+        validate(compose_config(["data=imagenet", "data.root=/nonexistent/imagenet"]), environ={})
+    assert "data.download" not in str(imagenet.value)
+    with pytest.raises(ConfigError, match="or pass data.download=true"):
+        validate(compose_config(["data=cifar100", "data.root=/nonexistent/cifar"]), environ={})
 
 
 def test_world_size_enters_the_divisibility_checks() -> None:

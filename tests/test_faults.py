@@ -22,7 +22,7 @@ from bkn.engine.records import read_metrics, read_summary
 from bkn.models import build_model
 from data_writers import write_cifar10, write_image_folders
 from training_helpers import (ROOT, TINY, TINY_RUN, register_tiny_net, run_fault_runner, run_train_main,
-                              subprocess_env, train_in_process)
+                              subprocess_env, the_run_dir, train_in_process)
 
 
 SECRET = "sk-test-secret-123"
@@ -41,8 +41,8 @@ def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2(tmp_path: Path) -> 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = [*TINY, "train.steps=10", "checkpoint.every=null", f"out_dir={tmp_path}"]
     result = run_fault_runner(tmp_path, run, fault="term@4")  # SIGTERM arrives during step 5
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0"
+    assert result.returncode == 143, result.stderr[-3000:]  # 128 + SIGTERM: interrupted, a sweep stops
+    run_dir = the_run_dir(tmp_path)
     log = result.stdout + result.stderr
     assert f"preempted by SIGTERM at step 5; checkpoint saved to {checkpoint_path(run_dir)}" in log
     assert read_summary(run_dir)["status"] == "preempted"
@@ -116,7 +116,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path, monkeyp
     overrides = [*TINY, "train.steps=10", "train.max_bad_steps=3", "train.log_every=1", "checkpoint.every=2",
                  f"out_dir={tmp_path}"]
     assert run_train_main(monkeypatch, overrides) == 1
-    run_dir = tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0"
+    run_dir = the_run_dir(tmp_path)
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: stopped at step 5: 3 optimizer steps in a row had a non-finite loss or gradient and were skipped "
         f"(train.max_bad_steps=3); the last good checkpoint is {checkpoint_path(run_dir)} (step 4). "
@@ -193,7 +193,10 @@ def test_no_secret_reaches_the_record_or_the_logs(tmp_path: Path, monkeypatch: p
     register_tiny_net(monkeypatch)
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.setenv("BKN_TEST_TOKEN", SECRET)
-    overrides = [*TINY, "logger=wandb", "+logger.wandb.api_key=${oc.env:WANDB_API_KEY}", f"out_dir={tmp_path}"]
+    overrides = [*TINY, "logger=wandb", f"out_dir={tmp_path}"]
+    # A key for it in the config is refused (an unknown key), without echoing its value or writing anything.
+    assert run_train_main(monkeypatch, [*overrides, "+logger.wandb.api_key=${oc.env:WANDB_API_KEY}"]) == 2
+    assert not list(tmp_path.iterdir())
     assert run_train_main(monkeypatch, overrides) == 0
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any("wandb" in path.parts for path in files)  # W&B's offline run is inside the record

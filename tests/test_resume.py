@@ -34,7 +34,7 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path: Path, monkeypatch:
 
     resumed = run_fault_runner(tmp_path, [*RUN, out_dir])  # resume=auto is the default
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert "resumes from" in resumed.stdout + resumed.stderr  # the start banner
 
     expected, actual = final_state(reference), final_state(run_dir)
     assert expected.keys() == actual.keys()
@@ -49,12 +49,37 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path: Path, monkeypatch:
 
 def test_resume_auto_refuses_a_run_made_with_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)
-    run_dir = train_in_process(tmp_path, [*TINY, "train.steps=3"])
+    mine = [*TINY, "train.steps=3", "run_name=mine"]  # one folder whatever the settings
+    run_dir = train_in_process(tmp_path, mine)
     (run_dir / "summary.json").unlink()  # as if killed after its last checkpoint
     with pytest.raises(ConfigError, match=r"made with optim.lr=0.05, this config has optim.lr=0.2; pass resume=null"):
-        train_in_process(tmp_path, [*TINY, "train.steps=3", "optim.lr=0.2"])
-    train_in_process(tmp_path, [*TINY, "train.steps=3", "optim.lr=0.2", "resume=null"])  # starts over
+        train_in_process(tmp_path, [*mine, "optim.lr=0.2"])
+    train_in_process(tmp_path, [*mine, "optim.lr=0.2", "resume=null"])  # not finished: starts over
     assert read_summary(run_dir)["status"] == "finished"
+
+
+def test_resume_null_never_overwrites_a_finished_run_of_other_settings(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    mine = [*TINY, "train.steps=3", "run_name=mine", "resume=null"]
+    run_dir = train_in_process(tmp_path, mine)
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=rf"resume=null: {run_dir} holds a finished run made with optim.lr=0.05, "
+                                          r"this config has optim.lr=0.2; delete that folder"):
+        train_in_process(tmp_path, [*mine, "optim.lr=0.2"])
+    other = checkpoint_path(train_in_process(tmp_path / "other", [*TINY, "train.steps=2"]))
+    with pytest.raises(ConfigError, match=rf"resume={other}: {run_dir} holds a finished run made with optim.lr"):
+        train_in_process(tmp_path, [*mine[:-1], "optim.lr=0.2", f"resume={other}"])  # nor from a checkpoint
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert train_in_process(tmp_path, mine) == run_dir  # the same settings: trained again, as asked
+
+
+def test_other_settings_get_their_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    first = train_in_process(tmp_path, [*TINY, "train.steps=2"])
+    second = train_in_process(tmp_path, [*TINY, "train.steps=2", "optim.lr=0.2"])
+    assert first != second and first.parent == second.parent
+    assert read_summary(first)["status"] == read_summary(second)["status"] == "finished"
 
 
 def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,3 +88,21 @@ def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.Monke
     continued = train_in_process(tmp_path / "long", [*TINY, "train.steps=8", f"resume={checkpoint_path(short)}"])
     assert read_metrics(continued)[0]["step"] == 8  # steps 1-6 came from the checkpoint
     assert load_checkpoint(checkpoint_path(continued))["step"] == 8
+
+
+def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    bkn = checkpoint_path(train_in_process(tmp_path / "bkn", [*TINY, "train.steps=2"]))
+    with pytest.raises(ConfigError, match=rf"resume={bkn}: that checkpoint was made with normalizer.name=bkn, this "
+                                          r"config has normalizer.name=bn; resume it with the same settings"):
+        train_in_process(tmp_path / "bn", [*TINY, "normalizer=bn", f"resume={bkn}"])
+    old = load_checkpoint(bkn)
+    del old["settings"]  # as written before checkpoints recorded their settings, moved away from its run
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match=r"resume: the checkpoint's model does not fit this config's: \d+ missing"):
+        train_in_process(tmp_path / "bn", [*TINY, "normalizer=bkn_linear", f"resume={tmp_path / 'old.pt'}"])
+    (tmp_path / "notes.md").write_text("# not a checkpoint\n")
+    with pytest.raises(ConfigError, match=r"notes.md is not a bkn checkpoint \(UnpicklingError\); pass a run's"):
+        train_in_process(tmp_path / "bn", [*TINY, f"resume={tmp_path / 'notes.md'}"])
+    assert not (tmp_path / "bn").exists()  # refused before anything was written

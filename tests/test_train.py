@@ -22,7 +22,7 @@ from bkn.engine.records import RunRecord, read_metrics, read_summary
 from bkn.nn import set_inference
 from data_writers import write_cifar10, write_cifar100
 from training_helpers import (ROOT, TINY, TINY_RUN, TinyNet, final_state, register_tiny_net, run_train_main,
-                              subprocess_env, train_in_process)
+                              subprocess_env, the_run_dir, train_in_process)
 
 
 TRAIN_KEYS = {"kind", "step", "epoch", "loss", "lr", "examples_per_s", "skipped_steps"}
@@ -209,11 +209,13 @@ def test_train_py_with_a_registry_model(tmp_path: Path) -> None:
                "train.steps=2", "train.epochs=null", "train.log_every=1", f"out_dir={tmp_path}"]
     result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "default" / "cifar_net_bkn-monte_carlo_g4_s2_seed0"
+    run_dir = the_run_dir(tmp_path)  # data=synthetic, train.steps=2, ...: the name's hash suffix
+    assert run_dir.parent.name == "default" and run_dir.name.startswith("cifar_net_bkn-monte_carlo_g4_s2_seed0_")
     summary = _check_record(run_dir, steps=2)
     assert (summary["model"], summary["transition"], summary["data"]) == ("cifar_net", "monte_carlo", "synthetic")
+    assert summary["run"] == run_dir.name
     config = (run_dir / "config.yaml").read_text()
-    assert "run_name: cifar_net_bkn-monte_carlo_g4_s2_seed0" in config and "${" not in config  # resolved
+    assert f"run_name: {run_dir.name}" in config and "${" not in config  # resolved
 
 
 @pytest.mark.parametrize("writer", [write_cifar10, write_cifar100])
@@ -224,7 +226,7 @@ def test_train_py_on_cifar_files(writer, tmp_path: Path, monkeypatch: pytest.Mon
     overrides = [*TINY_RUN, f"data={name}", f"data.root={tmp_path / 'cifar'}", "data.num_workers=0",
                  "data.image_size=8", "batch.gradient=4", "train.steps=3", f"out_dir={tmp_path / 'runs'}"]
     assert run_train_main(monkeypatch, overrides) == 0
-    summary = _check_record(tmp_path / "runs" / "default" / "tiny_net_bkn-analytic_g4_s2_seed0", steps=3)
+    summary = _check_record(the_run_dir(tmp_path / "runs"), steps=3)
     assert summary["data"] == name and summary["final"]["population"]["examples"] == 6
 
 

@@ -3,8 +3,8 @@ subprocess, and a tiny two-block network for tests where the engine, not the mod
 
 ``TinyNet`` is registered as model ``tiny_net`` by ``register_tiny_net`` (in this process) or by
 ``FAULT_RUNNER`` (a train.py wrapper the subprocess tests run, which can also inject a fault:
-``BKN_TEST_FAULT=kill@7`` SIGKILLs itself during optimizer step 7, ``term@7`` sends itself SIGTERM,
-``raise@7:1`` raises on rank 1).
+``BKN_TEST_FAULT=kill@7`` SIGKILLs itself during optimizer step 7, ``term@7`` / ``int@7`` send
+itself SIGTERM / SIGINT, ``raise@7:1`` raises on rank 1).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from bkn.config import validate
+from bkn.config import run_name, validate
 from bkn.engine import run
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
 from bkn.models import MODELS
@@ -64,11 +64,19 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def train_in_process(out_dir: Path, overrides: list[str]) -> Path:
-    """Compose, validate and run like train.py does; returns the run directory."""
-    cfg = compose_config([f"out_dir={out_dir}", *overrides])
+    """Compose, name, validate and run like train.py does; returns the run directory."""
+    overrides = [f"out_dir={out_dir}", *overrides]
+    cfg = compose_config(overrides)
+    cfg.run_name = run_name(cfg, overrides)
     plan = validate(cfg, environ={})
     run(cfg, plan)
     return plan.run_dir
+
+
+def the_run_dir(out_dir: Path) -> Path:
+    """The one run directory under ``out_dir`` (its name depends on the overrides)."""
+    (run_dir,) = {path.parent for path in out_dir.rglob("config.yaml") if path.parent.name != ".hydra"}
+    return run_dir
 
 
 def run_train_script() -> None:
@@ -109,6 +117,8 @@ if fault:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif action == "term":
                 os.kill(os.getpid(), signal.SIGTERM)
+            elif action == "int":  # Ctrl+C
+                os.kill(os.getpid(), signal.SIGINT)
             else:
                 raise RuntimeError(f"injected failure at step {{step}} on rank {{session.plan.world.rank}}")
         return original_step(session, *args)

@@ -44,6 +44,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class Interrupted(Exception):
+    """A run stopped by SIGTERM / SIGINT after saving its checkpoint; train.py exits with
+    128 + the signal's number (130 for Ctrl+C, 143 for SIGTERM), which also stops a sweep."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signal_number).name}")
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal_number
+
+
 class StopRequest:
     """While active, SIGTERM and SIGINT set ``requested`` instead of killing the process, so the
     training loop can checkpoint at the next step boundary and exit cleanly (SLURM preemption,
@@ -53,12 +66,16 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal_name: str | None = None
+        self.signal_number: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(number).name
+        self.signal_number = number
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signal_number is None else signal.Signals(self.signal_number).name
 
     def __enter__(self) -> StopRequest:
         for number in self.SIGNALS:

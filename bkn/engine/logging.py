@@ -4,7 +4,8 @@ Only the main rank logs. W&B is best effort: any failure (not installed, no netw
 setting, an init that times out) becomes one warning and training continues with the local
 record. Nothing is read from the environment for W&B beyond what wandb itself reads; the config
 it receives is redacted like the run record's. On a terminal a progress bar with throughput and
-ETA redraws every step; otherwise (logs, SLURM) plain lines appear every ``train.log_every`` steps.
+ETA redraws every step; otherwise (logs, SLURM) plain lines ``step k/N ... ETA`` appear every
+``train.log_every`` steps. The bkn log lines also go to ``<run dir>/train.log``.
 """
 
 from __future__ import annotations
@@ -64,21 +65,31 @@ class WandbLogger:
                 self._disable("finish", error)
 
 
+class Eta:
+    """The time left, from the pace of the steps done in this process so far."""
+
+    def __init__(self, total_steps: int, start_step: int) -> None:
+        self.total_steps, self.start_step = total_steps, start_step
+        self.started = time.perf_counter()
+
+    def at(self, step: int) -> str:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        return _duration(elapsed / done * (self.total_steps - step) if done else 0.0)
+
+
 class ProgressBar:
     """A one-line bar on a terminal: step, percentage, last loss, examples/s and ETA."""
 
     def __init__(self, total_steps: int, start_step: int, stream: TextIO) -> None:
-        self.total_steps, self.start_step = total_steps, start_step
+        self.total_steps = total_steps
+        self.eta = Eta(total_steps, start_step)
         self.stream = stream
-        self.started = time.perf_counter()
         self.status = ""
 
     def update(self, step: int) -> None:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.started
-        remaining = elapsed / done * (self.total_steps - step) if done else 0.0
         self.stream.write(f"\rstep {step}/{self.total_steps} [{100 * step / self.total_steps:3.0f}%] "
-                          f"{self.status} ETA {_duration(remaining)}\033[K")
+                          f"{self.status} ETA {self.eta.at(step)}\033[K")
         self.stream.flush()
 
     def close(self) -> None:
@@ -99,8 +110,14 @@ class RunLogger:
                  enabled: bool, stream: TextIO = sys.stdout) -> None:
         self.record, self.wandb = record, wandb_logger
         self.enabled = enabled
+        self.total_steps, self.eta = total_steps, Eta(total_steps, start_step)
         interactive = enabled and stream.isatty()
         self.bar = ProgressBar(total_steps, start_step, stream) if interactive else None
+        self.file_handler: logging.Handler | None = None
+        if enabled:  # the same lines as the console's, kept with the run record
+            self.file_handler = logging.FileHandler(record.run_dir / "train.log")
+            self.file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+            log.addHandler(self.file_handler)
 
     def step(self, step: int) -> None:
         if self.bar is not None:
@@ -118,7 +135,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.status = text
         else:
-            log.info("step %d (epoch %.2f): %s", line["step"], line["epoch"], text)
+            log.info("step %d/%d (epoch %.2f): %s ETA %s", line["step"], self.total_steps, line["epoch"], text,
+                     self.eta.at(line["step"]))
 
     def eval(self, line: dict[str, Any]) -> None:
         if not self.enabled:
@@ -129,11 +147,20 @@ class RunLogger:
             self.wandb.log({f"eval_{inference}/{key}": line[key] for key in ("top1", "top5", "loss")}, line["step"])
         if self.bar is not None:
             self.bar.close()
-        log.info("eval at step %d, %s statistics: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
-                 line["step"], inference, line["top1"], line["top5"], line["loss"], line["examples"])
+        log.info("eval at step %d/%d, %s statistics: top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d examples)",
+                 line["step"], self.total_steps, inference, line["top1"], line["top5"], line["loss"], line["examples"])
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.close()
+            log.info("checkpoint at step %d/%d: %s", step, self.total_steps, path)
 
     def close(self, status: str) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish(status)
+        if self.file_handler is not None:
+            log.removeHandler(self.file_handler)
+            self.file_handler.close()

@@ -194,6 +194,7 @@ def train(session: Session, logger: RunLogger, stop: StopRequest, checkpoint_fil
     def checkpoint() -> None:
         session.skipped_steps = counter.skipped_steps()
         save(session, checkpoint_file)
+        logger.checkpoint(session.step, checkpoint_file)
 
     session.model.train()
     while session.step < plan.steps:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from bkn.config import Plan
+from bkn.config import ConfigError, Plan, run_settings
 from bkn.data import Datasets, build_datasets, build_loader
 from bkn.engine.batches import StepBatches
 from bkn.engine.distributed import Collective
@@ -87,6 +87,7 @@ class Session:
         """Called on every rank (the RNG states are gathered); only the main rank's result is saved."""
         return {
             "format": CHECKPOINT_FORMAT,
+            "settings": run_settings(self.cfg),  # what resume=<this file> must match
             "step": self.step,
             "data": self.batches.position(),
             "skipped_steps": self.skipped_steps,
@@ -156,10 +157,16 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
 
 
 def _restore(session: Session, checkpoint: dict[str, Any]) -> None:
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint format {checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT}; "
-                         "it was written by another version of bkn")
-    session.raw_model.load_state_dict(checkpoint["model"])
+    """Restore a checkpoint whose format and settings trainer.decide_start has checked."""
+    expected, found = session.raw_model.state_dict(), checkpoint["model"]
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & found.keys() if expected[key].shape != found[key].shape)
+    if missing or unexpected or reshaped:  # an old checkpoint (no settings recorded) of another model
+        problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                    ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if keys]
+        raise ConfigError(f"resume: the checkpoint's model does not fit this config's: {', '.join(problems)} "
+                          f"tensors; resume a checkpoint of the same model and normalizer, or pass resume=null")
+    session.raw_model.load_state_dict(found)
     session.optimizer.load_state_dict(checkpoint["optimizer"])
     session.scaler.load_state_dict(checkpoint["scaler"])
     session.step = checkpoint["step"]

@@ -1,66 +1,121 @@
 """``run(cfg, plan)``: one training run from start (or checkpoint) to its run record's final summary.
 
-Decides whether to resume (``resume=auto`` continues ``<run dir>/checkpoints/last.pt`` made with the
-same settings and does nothing for a finished run), joins the process group, builds the session,
-trains, and keeps ``summary.json`` current: "running" while training, then "finished",
-"preempted" (SIGTERM / SIGINT: checkpoint saved) or "failed".
+Decides how the run starts (``decide_start``, which the dry run prints too: ``resume=auto``
+continues ``<run dir>/checkpoints/last.pt`` made with the same settings and does nothing for a
+finished run; ``resume=null`` never overwrites a finished run of other settings; a checkpoint path
+must fit the model), joins the process group, builds the session, logs the plan, trains, and
+keeps ``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
+SIGINT: checkpoint saved, then ``Interrupted`` is raised) or "failed".
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bkn.config import ConfigError, Plan
-from bkn.engine.checkpoint import StopRequest, checkpoint_path, load_checkpoint
+from bkn.config import ConfigError, Plan, first_difference, is_under, run_settings
+from bkn.engine.checkpoint import Interrupted, StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
 from bkn.engine.logging import RunLogger, WandbLogger
 from bkn.engine.loop import TrainingStopped, train
 from bkn.engine.records import RunRecord, read_summary
-from bkn.engine.session import Session, build_session
+from bkn.engine.session import CHECKPOINT_FORMAT, Session, build_session
 
 log = logging.getLogger("bkn")
 
-# The settings that define a run's trajectory: resume=auto refuses a checkpoint made with others.
-RUN_DEFINING_KEYS = ("model", "normalizer", "data.name", "data.image_size", "batch", "train.steps", "train.epochs",
-                     "optim", "schedule", "seed", "amp")
+MODEL_SHAPING_KEYS = ("model", "normalizer", "batch.statistics")  # what resume=<path> must share
 
 
-def _leaves(value: Any, key: str) -> dict[str, Any]:
-    """``{"optim.lr": 0.1, ...}`` for a (nested) config value at ``key``."""
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, dict) and value:
-        return {leaf: item for name, child in value.items() for leaf, item in _leaves(child, f"{key}.{name}").items()}
-    return {key: value}
+@dataclass(frozen=True)
+class Start:
+    """How a run begins, as ``resume`` and the run directory decide: "new", "resume" (from
+    ``checkpoint_file``, loaded as ``checkpoint``) or "finished" (nothing to do)."""
+
+    kind: Literal["new", "resume", "finished"]
+    checkpoint_file: Path | None = None
+    checkpoint: dict[str, Any] | None = None
+    step: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "finished":
+            return f"finished at step {self.step}: nothing to do (resume=null trains it again)"
+        if self.kind == "resume":
+            return f"resumes from {self.checkpoint_file} at step {self.step}"
+        return "new"
 
 
-def _check_same_run(saved_config: Path, cfg: DictConfig) -> None:
-    saved = OmegaConf.load(saved_config)
-    for key in RUN_DEFINING_KEYS:
-        before, now = _leaves(OmegaConf.select(saved, key), key), _leaves(OmegaConf.select(cfg, key), key)
-        for leaf in sorted(before.keys() | now.keys()):
-            old, new = before.get(leaf, "<unset>"), now.get(leaf, "<unset>")
-            if old != new:
-                raise ConfigError(f"resume=auto: {saved_config.parent} holds a run made with {leaf}={old}, this "
-                                  f"config has {leaf}={new}; pass resume=null to start it over, or choose another "
-                                  f"run_name")
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as error:  # a pickle of something else, a truncated file, a text file
+        raise ConfigError(f"resume={path} is not a bkn checkpoint ({type(error).__name__}); pass a run's "
+                          f"checkpoints/last.pt, or resume=null to start over") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConfigError(f"resume={path} is not a bkn checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); "
+                          f"pass a checkpoints/last.pt written by this version, or resume=null to start over")
+    return checkpoint
 
 
-def _resume_source(cfg: DictConfig, plan: Plan) -> Path | None:
-    """The checkpoint to start from: resume=auto finds this run's own (made with the same settings)."""
+def _saved_settings(run_dir: Path) -> dict[str, Any] | None:
+    saved_config = run_dir / "config.yaml"
+    return run_settings(OmegaConf.load(saved_config)) if saved_config.exists() else None
+
+
+def _model_shaping(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if is_under(key, MODEL_SHAPING_KEYS)}
+
+
+def decide_start(cfg: DictConfig, plan: Plan) -> Start:
+    """What ``resume`` means for this run directory (the dry run prints it). A checkpoint or a
+    finished run made with other run-defining settings is another run: refused, never continued
+    or overwritten."""
+    settings = run_settings(cfg)
+    previous = read_summary(plan.run_dir)
+    finished = previous is not None and previous["status"] == "finished"
+    saved = _saved_settings(plan.run_dir)
+    if cfg.resume != "auto":  # starting over, or from another checkpoint: never over another finished run
+        difference = first_difference(saved, settings) if finished and saved is not None else None
+        if difference:
+            resume = "null" if cfg.resume is None else cfg.resume
+            raise ConfigError(f"resume={resume}: {plan.run_dir} holds a finished run made with {difference}; "
+                              f"delete that folder to replace it, or give this run its own run_name=...")
     if cfg.resume is None:
-        return None
-    if cfg.resume != "auto":
-        return Path(cfg.resume)
-    last = checkpoint_path(plan.run_dir)
-    return last if last.exists() else None
+        return Start("new")
+    if cfg.resume == "auto":
+        last = checkpoint_path(plan.run_dir)
+        if (finished or last.exists()) and saved is not None:
+            difference = first_difference(saved, settings)
+            if difference:
+                fix = ("delete that folder to replace it" if finished  # resume=null would refuse too
+                       else "pass resume=null to start it over")
+                raise ConfigError(f"resume=auto: {plan.run_dir} holds a {'finished ' if finished else ''}run made "
+                                  f"with {difference}; {fix}, or choose another run_name")
+        if finished:
+            return Start("finished", step=previous["step"])
+        if not last.exists():
+            return Start("new")
+        checkpoint = _read_checkpoint(last)
+        return Start("resume", last, checkpoint, checkpoint["step"])
+    # A checkpoint path continues that model with this config's length, schedule and data: only
+    # the settings that shape the model must agree. Checkpoints record their settings; for older
+    # ones, the config.yaml of the run they belong to (and, failing that, session's state check).
+    source = Path(cfg.resume)
+    checkpoint = _read_checkpoint(source)
+    made_with = checkpoint.get("settings") or _saved_settings(source.parent.parent)
+    difference = (first_difference(_model_shaping(made_with), _model_shaping(settings))
+                  if made_with is not None else None)
+    if difference:
+        raise ConfigError(f"resume={source}: that checkpoint was made with {difference}; resume it with the same "
+                          f"settings, or pass resume=null to start over")
+    return Start("resume", source, checkpoint, checkpoint["step"])
 
 
 def _wandb(cfg: DictConfig, plan: Plan, config: dict[str, Any]) -> WandbLogger | None:
@@ -108,31 +163,25 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
 
 
 def run(cfg: DictConfig, plan: Plan) -> str:
-    """Train as planned; returns the final status ("finished" or "preempted"). Raises
-    ``TrainingStopped`` when the run diverges (status "diverged"); any other error marks it "failed"."""
+    """Train as planned; returns the final status ("finished"). Raises ``Interrupted`` after a
+    SIGTERM / SIGINT (checkpoint saved) and ``TrainingStopped`` when the run diverges (status
+    "diverged"); any other error marks the run "failed"."""
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
-    previous = read_summary(plan.run_dir)
-    finished = cfg.resume == "auto" and previous is not None and previous["status"] == "finished"
-    source = _resume_source(cfg, plan)
-    saved_config = plan.run_dir / "config.yaml"
-    if cfg.resume == "auto" and (finished or source is not None) and saved_config.exists():
-        _check_same_run(saved_config, cfg)  # a changed setting is another run, not this one
-    if finished:
-        log.info("%s already finished (step %d of %d); nothing to do. Pass resume=null to train it again.",
-                 plan.run_dir, previous["step"], previous["steps"])
+    start = decide_start(cfg, plan)
+    if start.kind == "finished":
+        log.info("%s already finished (step %d); nothing to do. Pass resume=null to train it again.",
+                 plan.run_dir, start.step)
         return "finished"
     device = torch.device("cuda", plan.world.local_rank) if plan.device == "cuda" else torch.device("cpu")
     with process_group(plan.world, device, cfg.distributed.timeout_s) as collective, StopRequest() as stop:
-        checkpoint = load_checkpoint(source) if source is not None else None
-        session = build_session(cfg, plan, collective, checkpoint)
-        if checkpoint is not None:
-            log.info("resuming from %s at step %d", source, session.step)
+        session = build_session(cfg, plan, collective, start.checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
         record = RunRecord(plan.run_dir, writable=plan.world.is_main)
-        record.start(config, resumed_step=session.step if checkpoint is not None else None)
+        record.start(config, resumed_step=session.step if start.checkpoint is not None else None)
         logger = RunLogger(record, _wandb(cfg, session.plan, config), total_steps=session.plan.steps,
                            start_step=session.step, enabled=plan.world.is_main)
+        log.info("%s\n  %-15s %s", session.plan.describe(), "start", start.describe())
         final: dict[str, EvalResult] = {}
 
         def on_eval(results: dict[str, EvalResult]) -> None:
@@ -154,4 +203,6 @@ def run(cfg: DictConfig, plan: Plan) -> str:
                     "(resume=auto) to continue.", stop.signal_name, session.step, checkpoint_path(plan.run_dir))
     else:
         log.info("finished %d steps; run record in %s", session.step, plan.run_dir)
+    if stop.requested:  # also when it came during the final evaluation: a sweep stops here
+        raise Interrupted(stop.signal_number)
     return status

@@ -1,8 +1,11 @@
-"""ConvNormAct: conv -> norm -> activation, the one block every model is built from.
+"""ConvNormAct: conv -> norm -> activation, the one block every model is built from, and
+Sequential, the container that chains such blocks.
 
-It owns both the conv and the norm, because BKN's ``analytic`` and ``monte_carlo`` transitions
-push the previous layer's estimate through this very conv. Its forward takes and returns
-``(x, state)``; with BN or BRN the state is ``None`` and costs nothing.
+ConvNormAct owns both the conv and the norm, because BKN's ``analytic`` and ``monte_carlo``
+transitions push the previous layer's estimate through this very conv. Its forward takes and
+returns ``(x, state)``; with BN or BRN the state is ``None`` and costs nothing. torch's
+``nn.Sequential`` passes one value from module to module, so blocks go in ``bkn.nn.Sequential``,
+which passes the state along too.
 """
 
 from __future__ import annotations
@@ -50,6 +53,28 @@ class ConvNormAct(nn.Module):
                                **norm_options(norm))
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
+    threads_state = True  # forward takes and returns (x, state): Sequential passes the state on
+
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
+        if isinstance(x, tuple):
+            raise TypeError("ConvNormAct received the (x, state) pair of the block before it: chain blocks in "
+                            "bkn.nn.Sequential, which passes the state along (torch's nn.Sequential passes one value)")
         y, state = apply_norm(self.norm, self.conv(x), state, self.conv)
         return self.act(y), state
+
+
+class Sequential(nn.Sequential):
+    """``nn.Sequential`` for bkn blocks: ``x, state = Sequential(...)(x)``. A module with
+    ``threads_state`` (ConvNormAct, a nested Sequential) gets the state of the block before it;
+    any other module (pooling, dropout, flatten, a classifier) gets ``x`` alone and the state
+    passes it unchanged, as the networks in bkn.models do around their pools."""
+
+    threads_state = True
+
+    def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
+        for module in self:
+            if getattr(module, "threads_state", False):
+                x, state = module(x, state)
+            else:
+                x = module(x)
+        return x, state

@@ -391,8 +391,10 @@ def build_norm(name: str, num_features: int, in_features: int | None = None, **o
     if name not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {name!r}; choose one of {sorted(NORMALIZERS)} (normalizer=...)")
     cls = NORMALIZERS[name]
-    accepted = {p for c in cls.__mro__ if c is not nn.Module and "__init__" in vars(c)
-                for p in inspect.signature(c.__init__).parameters} - {"self", "kwargs", "num_features"}
+    own_classes = cls.__mro__[:cls.__mro__.index(nn.Module)]  # not nn.Module's or object's (*args, **kwargs)
+    accepted = {name for c in own_classes if "__init__" in vars(c)
+                for name, parameter in inspect.signature(c.__init__).parameters.items()
+                if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)} - {"self", "num_features"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"normalizer {name!r} has no option {unknown[0]!r}; its options are {sorted(accepted)}")

@@ -19,6 +19,10 @@ class KalmanState(NamedTuple):
     def num_channels(self) -> int:
         return self.mean.shape[1]
 
+    def __repr__(self) -> str:  # one line, not two tensors' worth of numbers
+        return (f"KalmanState(groups={self.mean.shape[0]}, channels={self.num_channels}, "
+                f"dtype={str(self.mean.dtype).removeprefix('torch.')}, device={self.mean.device})")
+
 
 State = Optional[KalmanState]
 
