@@ -9,7 +9,7 @@ LAUNCHER ?= local
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow test-all demo
+.PHONY: help setup test test-slow test-all test-slurm demo
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -31,6 +31,10 @@ test-slow: setup  ## only the tests marked slow
 
 test-all: setup  ## every test
 	$(PY) -m pytest -q -m 'slow or not slow'
+
+# The fixture of tests/test_slurm.py starts the cluster (scripts/slurm_cluster.sh) and stops it after.
+test-slurm: setup  ## jobs on a one-node SLURM cluster on this machine, started and stopped (root + apt; else skipped)
+	$(PY) -m pytest -q -m slurm
 
 BENCHMARK_PRESET ?= cpu
 .PHONY: benchmark
