@@ -41,6 +41,10 @@ BENCHMARK_PRESET ?= cpu
 benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/benchmark/ (BENCHMARK_PRESET=cpu|gpu, ARGS=...)
 	$(PY) scripts/benchmark.py --preset $(BENCHMARK_PRESET) $(ARGS)
 
+.PHONY: gpu-check
+gpu-check: setup  ## on one CUDA GPU: bf16/fp16 AMP, channels_last, compile, NCCL, options A/B, the GPU benchmark -> results/benchmark/gpu.md (< 8 min)
+	$(PY) scripts/gpu_check.py
+
 # --- The paper's tables and figures -> results/$(SCALE)/ (docs/results.md) -------------------------
 # `make fig3 SCALE=smoke` trains what is missing (resume=auto: a finished run exits at once, a stopped
 # one continues from its checkpoint), then writes the table and figure with the paper's numbers beside ours.

@@ -1,0 +1,182 @@
+"""`make gpu-check`: bkn's CUDA code paths on one GPU, then the GPU benchmark, in under 8 minutes.
+
+1. train.py on synthetic images (each run a subprocess, its record under a temporary folder):
+   bf16 autocast with channels_last, fp16 autocast with the gradient scaler (BKN and BRN),
+   torch.compile (static shapes), a torchvision-layout ResNet; every run evaluates with option B
+   (population statistics) and option A (test-batch statistics) and must finish with finite numbers.
+2. A one-process NCCL group: BKN under DistributedDataParallel for a few bf16 steps, and an
+   all-reduce, on the GPU (one GPU cannot hold a second rank, so this is the NCCL path one rank sees).
+3. scripts/benchmark.py --preset gpu, with fewer repeats so that it fits, written to
+   results/benchmark/gpu.md (with the ratios beside the targets: BKN >= 0.985 x BN, the paper's
+   Table 2); the results of 1 and 2 are appended to it.
+
+One line per check; exit code 1 if any failed. Without CUDA: one line, exit code 0.
+
+    python scripts/gpu_check.py [--output results/benchmark/gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CUDA = "gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check, run it on a GPU machine"
+
+# A short run: 40 optimizer steps of 32 synthetic 32x32 images, checkpoints and evaluation included.
+TRAIN = ["device=cuda", "data=synthetic", "data.train_size=512", "data.test_size=64", "batch.gradient=32",
+         "batch.statistics=2", "train.steps=40", "train.epochs=null", "train.log_every=10", "checkpoint.every=20",
+         "eval.every=20"]
+TRAIN_RUNS: dict[str, list[str]] = {
+    "bf16 autocast + channels_last, BKN": ["normalizer=bkn", "amp=bf16", "channels_last=true"],
+    "fp16 autocast + gradient scaler, BKN": ["normalizer=bkn", "amp=fp16"],
+    "fp16 autocast + gradient scaler, BRN": ["normalizer=brn", "amp=fp16", "channels_last=true"],
+    "torch.compile + bf16, BKN": ["normalizer=bkn", "amp=bf16", "compile=true"],
+    "torch.compile, BN": ["normalizer=bn", "compile=true", "channels_last=true"],
+    "resnet18 + bf16 + channels_last, BKN-linear": ["model=resnet18", "normalizer=bkn_linear", "amp=bf16",
+                                                    "channels_last=true"],
+}
+# The benchmark's gpu preset with 3 repeats of 10 timed steps (the preset: 7 of 20).
+BENCHMARK = ["--preset", "gpu", "--repeats", "3", "--steps", "10"]
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    seconds: float
+    detail: str
+
+
+def check_train_run(name: str, overrides: list[str], out_dir: Path) -> Check:
+    """train.py with ``overrides`` into ``out_dir``: it must exit 0, finish, and report finite
+    option A and option B results."""
+    started = time.perf_counter()
+    command = [sys.executable, str(ROOT / "train.py"), f"out_dir={out_dir}", *TRAIN, *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return Check(name, False, seconds, f"exit code {result.returncode}: {last}")
+    (summary_path,) = out_dir.glob("*/*/summary.json")  # <experiment>/<run name>/
+    summary = json.loads(summary_path.read_text())
+    top1 = {inference: summary["final"].get(inference, {}).get("top1") for inference in ("population", "batch")}
+    finite = all(isinstance(value, float) and math.isfinite(value) for value in top1.values())
+    detail = (f"{summary['status']}, top-1 B {top1['population']}, A {top1['batch']}, "
+              f"{summary.get('examples_per_s') or 0:.0f} ex/s")
+    return Check(name, summary["status"] == "finished" and finite, seconds, detail)
+
+
+def check_nccl() -> Check:
+    """A one-process NCCL group: an all-reduce, then BKN under DDP for a few bf16 autocast steps."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bkn.models import build_model
+
+    started = time.perf_counter()
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    with socket_port() as port:
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                device_id=device)
+    try:
+        value = torch.full((4,), 3.0, device=device)
+        dist.all_reduce(value)
+        torch.manual_seed(0)
+        model = build_model("cifar_net", 10, {"name": "bkn", "statistics_batch_size": 2}, 32).to(device)
+        ddp = DistributedDataParallel(model, device_ids=[0], broadcast_buffers=False)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        inputs, targets = torch.randn(32, 3, 32, 32, device=device), torch.randint(10, (32,), device=device)
+        losses = []
+        for _ in range(5):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(ddp(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
+    passed = value.tolist() == [3.0] * 4 and all(math.isfinite(loss) for loss in losses)
+    return Check("one-process NCCL group: all-reduce, DDP + BKN + bf16", passed, time.perf_counter() - started,
+                 f"all-reduce {value.tolist()}, losses {', '.join(f'{loss:.3f}' for loss in losses)}")
+
+
+class socket_port:
+    """A free TCP port on this host, held until the ``with`` block exits (the rendezvous binds it after)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        return self._socket.getsockname()[1]
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._socket.close()
+
+
+def run_benchmark(output: Path) -> Check:
+    started = time.perf_counter()
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *BENCHMARK, "--output", str(output)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return Check("benchmark --preset gpu", False, seconds, f"exit code {result.returncode}: {last}")
+    return Check("benchmark --preset gpu", True, seconds, f"{output}.md: ratios and targets there")
+
+
+def checks_section(checks: list[Check], device_name: str) -> str:
+    """The markdown appended to the benchmark's report: one row per check."""
+    lines = ["", f"## CUDA code paths (`make gpu-check`, {device_name})", "",
+             "| check | result | seconds | detail |", "|---|---|---:|---|"]
+    lines += [f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.seconds:.0f} | {c.detail} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "benchmark" / "gpu",
+                        help="report path without suffix (default results/benchmark/gpu)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(NO_CUDA)
+        return 0
+    device_name = torch.cuda.get_device_name(0)
+    checks: list[Check] = []
+
+    def report(check: Check) -> None:
+        checks.append(check)
+        print(f"{'pass' if check.passed else 'FAIL'}  {check.name} ({check.seconds:.0f} s): {check.detail}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bkn-gpu-check-") as runs:
+        for index, (name, overrides) in enumerate(TRAIN_RUNS.items()):
+            report(check_train_run(name, overrides, Path(runs) / str(index)))
+    report(check_nccl())
+    benchmark = run_benchmark(args.output)
+    report(benchmark)
+    report_path = args.output.with_suffix(".md")
+    if benchmark.passed:
+        with report_path.open("a") as file:
+            file.write(checks_section(checks, device_name))
+    failed = [check.name for check in checks if not check.passed]
+    print(f"gpu-check: {len(checks) - len(failed)} of {len(checks)} checks passed"
+          + (f"; failed: {', '.join(failed)}" if failed else f"; report in {report_path}"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
