@@ -13,6 +13,7 @@ only the suite's own networks do.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -28,7 +29,10 @@ def timm_model(num_classes: int, norm: NormSpec, image_size: int, arch: str, in_
     ``timm_options`` go to ``timm.create_model`` (``drop_rate=0.2``, ...). ``image_size`` is not
     needed by CNNs and not used.
     """
-    import timm  # here, not at the top: importing timm takes seconds, which only timm runs should pay
+    # Imported here, not at the top: importing timm takes seconds, which only timm runs should pay.
+    with warnings.catch_warnings():  # timm 1.0.22 uses torch.jit.interface, deprecated in torch 2.14
+        warnings.filterwarnings("ignore", "`torch.jit.interface` is deprecated", FutureWarning)
+        import timm
 
     name = norm["name"]
     if name in NORMALIZERS and NORMALIZERS[name].carries_state:
