@@ -1,5 +1,6 @@
 """scripts/gpu_check.py, the parts a CPU can check: the one-line exit without CUDA, a train.py check
-judged from its run record (on the CPU instead of the GPU), and the report section it appends."""
+judged from its run record and the process-group check (on the CPU, with gloo, instead of the GPU
+with NCCL), and the report section it appends."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def test_a_train_run_check_reads_the_run_record(monkeypatch: pytest.MonkeyPatch,
     failed = gpu_check.check_train_run("bad", ["normalizer=bn", "batch.statistics=3"], tmp_path / "bad")
     assert not failed.passed
     assert failed.detail.startswith("exit code 2: error: batch.statistics=3 does not divide")
+
+
+def test_the_process_group_check_trains_bkn_under_ddp() -> None:
+    # On a GPU: NCCL and 32x32 images; bf16 on a CPU is slow, so 4x4 here.
+    check = gpu_check.check_process_group(gpu_check.torch.device("cpu"), backend="gloo", image_size=4)
+    assert check.passed, check.detail
+    assert check.detail.startswith("all-reduce [3.0, 3.0, 3.0, 3.0], losses ")
 
 
 def test_the_report_section_has_a_row_per_check() -> None:
