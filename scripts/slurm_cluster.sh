@@ -58,7 +58,7 @@ SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
 # submitit requeues a job from inside it (scontrol requeue) when it is signalled before its time limit.
 JobRequeue=1
-# Fast turn-around for tests: no minimum job age to purge, a short kill wait after the time limit.
+# Fast turn-around for tests: finished jobs are forgotten after 30 s, killed 5 s after SIGTERM.
 MinJobAge=30
 KillWait=5
 OverTimeLimit=0
