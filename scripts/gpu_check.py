@@ -2,8 +2,9 @@
 
 1. train.py on synthetic images (each run a subprocess, its record under a temporary folder):
    bf16 autocast with channels_last, fp16 autocast with the gradient scaler (BKN and BRN),
-   torch.compile (static shapes) of BKN, a torchvision-layout ResNet with BKN-linear; every run evaluates with option B
-   (population statistics) and option A (test-batch statistics) and must finish with finite numbers.
+   torch.compile (static shapes) of BKN, a torchvision-layout ResNet with BKN-linear; every run
+   evaluates with option B (population statistics) and option A (test-batch statistics) and must
+   finish with finite numbers.
 2. A one-process NCCL group: BKN under DistributedDataParallel for a few bf16 steps, and an
    all-reduce, on the GPU (one GPU cannot hold a second rank, so this is the NCCL path one rank sees).
 3. scripts/benchmark.py --preset gpu, with fewer repeats so that it fits, written to
@@ -25,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,16 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(0)
     checks: list[Check] = []
 
-    def report(check: Check) -> None:
+    def report(name: str, run_check: Callable[[], Check]) -> Check:
+        """Run one check; an exception (a timeout, NCCL failing to start) fails it, not the script."""
+        started = time.perf_counter()
+        try:
+            check = run_check()
+        except Exception as error:  # noqa: BLE001 - every failure is reported the same way
+            message = (str(error).strip().splitlines() or [""])[0]
+            check = Check(name, False, time.perf_counter() - started, f"{type(error).__name__}: {message}")
         checks.append(check)
         print(f"{'pass' if check.passed else 'FAIL'}  {check.name} ({check.seconds:.0f} s): {check.detail}", flush=True)
+        return check
 
     with tempfile.TemporaryDirectory(prefix="bkn-gpu-check-") as runs:
         for index, (name, overrides) in enumerate(TRAIN_RUNS.items()):
-            report(check_train_run(name, overrides, Path(runs) / str(index)))
-    report(check_process_group(torch.device("cuda", 0)))
-    benchmark = run_benchmark(args.output)
-    report(benchmark)
+            report(name, partial(check_train_run, name, overrides, Path(runs) / str(index)))
+    report("one-process nccl group", partial(check_process_group, torch.device("cuda", 0)))
+    benchmark = report("benchmark --preset gpu", partial(run_benchmark, args.output))
     report_path = args.output.with_suffix(".md")
     if benchmark.passed:
         with report_path.open("a") as file:
