@@ -1,5 +1,7 @@
 """train.py on a real SLURM cluster: a one-node cluster on this machine (scripts/slurm_cluster.sh),
-reached through hydra-submitit-launcher (`-m hydra/launcher=slurm`), as on a CPU cluster.
+reached through hydra-submitit-launcher (`-m hydra/launcher=slurm`), as on a CPU cluster: a sweep
+of DDP jobs, a preempted job and one that reaches its time limit (both requeued by submitit, both
+ending with the parameters of an uninterrupted run), and a figure made from the cluster's runs.
 
 The tests marked ``slurm`` run with `make test-slurm` (the default suite deselects them). They need
 root and apt-get, to install and start the cluster, and skip with one line without them. The
@@ -17,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +34,12 @@ CLUSTER_SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 # A CPU cluster: no GPUs per node, one CPU and 1 GB per task (hydra.launcher.tasks_per_node is the
 # number of DDP ranks of each job).
 CPU_NODE = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-            "hydra.launcher.timeout_min=10", "device=cpu"]
+            "device=cpu"]
 DDP_LAUNCHER = ["hydra/launcher=slurm", *CPU_NODE, "hydra.launcher.tasks_per_node=2"]
-# Long enough (150 steps, ~20 s) to be preempted in the middle; checkpoints every 50 steps.
+# Long enough (300 steps, ~35 s on 2 cores) to be interrupted in the middle; checkpoints every 50 steps.
+STEPS = 300
 RUN = ["data=synthetic", "data.image_size=8", "data.train_size=64", "data.test_size=16", "data.num_classes=4",
-       "model.width=0.25", "batch.gradient=8", "batch.statistics=2", "train.steps=150", "train.epochs=null",
+       "model.width=0.25", "batch.gradient=8", "batch.statistics=2", f"train.steps={STEPS}", "train.epochs=null",
        "train.log_every=10", "checkpoint.every=50"]
 RUN_NAME = {"bn": "cifar_net-w0.25_bn_g8_s2_seed0", "bkn": "cifar_net-w0.25_bkn-analytic_g8_s2_seed0"}
 JOB_TIMEOUT_S = 300
@@ -86,15 +89,10 @@ def run_sweep(out_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str
 def job_ids(sweep_dir: Path) -> list[str]:
     """The SLURM jobs that ran for a sweep: submitit keeps a folder per job in <sweep dir>/.submitit,
     where task 0 writes <job id>_0_log.out (a job array's own folder holds no log)."""
-    return sorted(folder.name for folder in (sweep_dir / ".submitit").iterdir()
-                  if (folder / f"{folder.name}_0_log.out").exists())
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.5)
+    jobs = sweep_dir / ".submitit"
+    if not jobs.is_dir():  # not submitted yet
+        return []
+    return sorted(folder.name for folder in jobs.iterdir() if (folder / f"{folder.name}_0_log.out").exists())
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +110,7 @@ def test_a_sweep_runs_as_slurm_jobs_of_two_ddp_ranks(reference_sweep: Path) -> N
     for name in RUN_NAME.values():
         summary = read_summary(reference_sweep / name)
         assert summary is not None, name
-        assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", 150, 2)
+        assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", STEPS, 2)
         assert set(summary["final"]) == {"population", "batch"}
 
 
@@ -124,43 +122,78 @@ def requeue_state(job_id: str) -> tuple[str, int]:
     return (state.group(1) if state else "GONE", int(restarts.group(1)) if restarts else 0)
 
 
-@pytest.mark.slurm
-def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_one(reference_sweep: Path, tmp_path: Path) -> None:
+def interrupted_sweep(tmp_path: Path, launcher: list[str], interrupt: Callable[[Path], bool] | None = None) -> Path:
+    """The BKN run of RUN as a one-job sweep; returns its run directory once the sweep has ended.
+
+    ``interrupt(sweep_dir)`` is called while the job runs until it returns True. SLURM holds a
+    requeued job for two minutes before it may start again; each requeued job is started at once."""
     out_dir = tmp_path / "runs"
     out_dir.mkdir()
-    sweep_dir, run_dir = out_dir / "default", out_dir / "default" / RUN_NAME["bkn"]
-    sweep = subprocess.Popen(sweep_command(out_dir, *DDP_LAUNCHER, *RUN, "normalizer=bkn"), cwd=tmp_path,
-                             env=JOB_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and '"step": 30,' in metrics.read_text(), JOB_TIMEOUT_S, "step 30")
-        (job_id,) = job_ids(sweep_dir)
-        # Preemption as submitit expects it: SIGUSR2 to every task. bkn checkpoints at the next step
-        # boundary, then submitit's handler requeues the job (scontrol requeue).
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        wait_for(lambda: requeue_state(job_id) == ("PENDING", 1), 120, "the job to be requeued")
-        # SLURM holds a requeued job for two minutes before it may start again; start it now.
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-        _, stderr = sweep.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if sweep.poll() is None:
-            sweep.send_signal(signal.SIGINT)
-            sweep.wait(timeout=30)
-    assert sweep.returncode == 0, stderr[-3000:]
+    sweep_dir = out_dir / "default"
+    log = tmp_path / "sweep.log"
+    with log.open("w") as output:
+        sweep = subprocess.Popen(sweep_command(out_dir, *launcher, *RUN, "normalizer=bkn"), cwd=tmp_path,
+                                 env=JOB_ENV, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline, interrupted = time.monotonic() + 2 * JOB_TIMEOUT_S, interrupt is None
+            while sweep.poll() is None:
+                assert time.monotonic() < deadline, f"the sweep did not end in {2 * JOB_TIMEOUT_S} s"
+                if not interrupted:
+                    interrupted = interrupt(sweep_dir)
+                for job_id in job_ids(sweep_dir):
+                    state, restarts = requeue_state(job_id)
+                    if state == "PENDING" and restarts > 0:
+                        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+                time.sleep(1)
+        finally:
+            if sweep.poll() is None:
+                sweep.send_signal(signal.SIGINT)
+                sweep.wait(timeout=30)
+    assert sweep.returncode == 0, log.read_text()[-3000:]
+    return sweep_dir / RUN_NAME["bkn"]
 
+
+def assert_resumed_like_the_reference(run_dir: Path, reference_sweep: Path, stops: int) -> None:
+    """At least ``stops`` SIGUSR2 stops, each resumed from the checkpoint it wrote (not a periodic
+    one), and the final parameters of the uninterrupted reference run."""
     log = (run_dir / "train.log").read_text()
-    stopped = re.search(r"preempted by SIGUSR2 at step (\d+)", log)
-    resumed = re.search(r"resuming from \S+ at step (\d+)", log)
-    assert stopped and resumed, log[-3000:]
-    assert stopped.group(1) == resumed.group(1)  # the checkpoint written on the signal, not a periodic one
-    assert 30 <= int(stopped.group(1)) < 150
+    stopped = {int(step) for step in re.findall(r"preempted by SIGUSR2 at step (\d+)", log)}  # every rank logs it
+    resumed = [int(step) for step in re.findall(r"resuming from \S+ at step (\d+)", log)]
+    assert len(stopped) >= stops, log[-3000:]
+    # A set: a job signalled before training started resumes from the same checkpoint once more.
+    assert set(resumed) == set(stopped) and all(0 < step < STEPS for step in stopped)
     summary = read_summary(run_dir)
-    assert summary is not None and (summary["status"], summary["step"]) == ("finished", 150)
-
+    assert summary is not None and (summary["status"], summary["step"]) == ("finished", STEPS)
     expected, actual = final_state(reference_sweep / RUN_NAME["bkn"]), final_state(run_dir)
     assert expected.keys() == actual.keys()
     for key in expected:  # parameters and running statistics, bit for bit
         assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_one(reference_sweep: Path, tmp_path: Path) -> None:
+    def preempt_after_step_30(sweep_dir: Path) -> bool:
+        metrics = sweep_dir / RUN_NAME["bkn"] / "metrics.jsonl"
+        if not (metrics.exists() and '"step": 30,' in metrics.read_text()):
+            return False
+        # Preemption as submitit expects it: SIGUSR2 to every task. bkn checkpoints at the next step
+        # boundary, then submitit's handler requeues the job (scontrol requeue).
+        (job_id,) = job_ids(sweep_dir)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        return True
+
+    run_dir = interrupted_sweep(tmp_path, DDP_LAUNCHER, preempt_after_step_30)
+    assert_resumed_like_the_reference(run_dir, reference_sweep, stops=1)
+
+
+@pytest.mark.slurm
+def test_a_job_at_its_time_limit_is_requeued_until_it_ends_as_an_uninterrupted_one(reference_sweep: Path,
+                                                                                   tmp_path: Path) -> None:
+    # sbatch --time=1 --signal=USR2@30: SLURM signals each attempt 30 s after it starts, which is
+    # before the run's 300 steps are done (about 35 s of training here), so it takes 2 or more jobs.
+    time_limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
+    run_dir = interrupted_sweep(tmp_path, [*DDP_LAUNCHER, *time_limit])
+    assert_resumed_like_the_reference(run_dir, reference_sweep, stops=1)
 
 
 @pytest.mark.slurm
