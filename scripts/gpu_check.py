@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_CUDA = "gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check, run it on a GPU machine"
+NO_CUDA = ("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check, "
+           "run it on a GPU machine")
 
 # A short run: 40 optimizer steps of 32 synthetic 32x32 images, checkpoints and evaluation included.
 TRAIN = ["device=cuda", "data=synthetic", "data.train_size=512", "data.test_size=64", "batch.gradient=32",
@@ -101,7 +102,8 @@ def check_process_group(device: torch.device, backend: str = "nccl", image_size:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       forward_sync_buffers=False)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-        inputs, targets = torch.randn(32, 3, image_size, image_size, device=device), torch.randint(10, (32,), device=device)
+        inputs = torch.randn(32, 3, image_size, image_size, device=device)
+        targets = torch.randint(10, (32,), device=device)
         losses = []
         for _ in range(5):
             with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -64,10 +64,11 @@ def replace_batch_norms(module: nn.Module, norm: NormSpec) -> int:
     for child_name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             ours = build_norm(num_features=child.num_features, **norm)
-            if child.affine and ours.weight is not None:
+            if child.affine and getattr(ours, "weight", None) is not None:  # timm's initial scale and shift
                 ours.weight.data.copy_(child.weight.data)
                 ours.bias.data.copy_(child.bias.data)
-            extras = [getattr(child, part) for part in ("drop", "act") if isinstance(getattr(child, part, None), nn.Module)]
+            extras = [part for part in (getattr(child, "drop", None), getattr(child, "act", None))
+                      if isinstance(part, nn.Module)]
             setattr(module, child_name, nn.Sequential(ours, *extras) if extras else ours)
             count += 1
         else:
