@@ -9,7 +9,7 @@ LAUNCHER ?= local
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow test-all demo
+.PHONY: help setup test test-slow test-all test-slurm demo
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -32,10 +32,18 @@ test-slow: setup  ## only the tests marked slow
 test-all: setup  ## every test
 	$(PY) -m pytest -q -m 'slow or not slow'
 
+# The fixture of tests/test_slurm.py starts the cluster (scripts/slurm_cluster.sh) and stops it after.
+test-slurm: setup  ## jobs on a one-node SLURM cluster on this machine, started and stopped (root + apt; else skipped)
+	$(PY) -m pytest -q -m slurm
+
 BENCHMARK_PRESET ?= cpu
 .PHONY: benchmark
 benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/benchmark/ (BENCHMARK_PRESET=cpu|gpu, ARGS=...)
 	$(PY) scripts/benchmark.py --preset $(BENCHMARK_PRESET) $(ARGS)
+
+.PHONY: gpu-check
+gpu-check: setup  ## on one CUDA GPU: bf16/fp16 AMP, channels_last, compile, NCCL, options A/B, the GPU benchmark -> results/benchmark/gpu.md (< 8 min)
+	$(PY) scripts/gpu_check.py
 
 # --- The paper's tables and figures -> results/$(SCALE)/ (docs/results.md) -------------------------
 # `make fig3 SCALE=smoke` trains what is missing (resume=auto: a finished run exits at once, a stopped

@@ -81,8 +81,8 @@ RUN_DEFINING_KEYS = ("model", "normalizer", "data", "batch", "train.steps", "tra
                      "seed", "amp")
 NOT_RUN_DEFINING_KEYS = ("data.root", "data.download", "data.num_workers")  # where the data is, how it is read
 # What config.yaml's run_name shows: overriding these needs no suffix.
-NAME_KEYS = ("model", "model.name", "model.width", "normalizer", "normalizer.name", "normalizer.transition",
-             "batch.gradient", "batch.statistics", "seed")
+NAME_KEYS = ("model", "model.name", "model.width", "model.arch", "normalizer", "normalizer.name",
+             "normalizer.transition", "batch.gradient", "batch.statistics", "seed")
 
 
 class ConfigError(ValueError):
@@ -193,9 +193,11 @@ def normalizer_label(normalizer: DictConfig) -> str:
 
 
 def model_label(model: DictConfig) -> str:
-    """How a model appears in run names: its name, with its width when widened (``cifar_net-w1.17``)."""
+    """How a model appears in run names: its name, with its width when widened (``cifar_net-w1.17``)
+    and a timm model's architecture (``timm-resnet18``)."""
+    name = f"{model.name}-{model.arch}" if "arch" in model else model.name
     width = model.get("width", 1.0)
-    return model.name if width == 1.0 else f"{model.name}-w{width:g}"
+    return name if width == 1.0 else f"{name}-w{width:g}"
 
 
 OmegaConf.register_new_resolver("bkn.normalizer_label", normalizer_label, replace=True)

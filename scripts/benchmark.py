@@ -53,7 +53,7 @@ from torch.utils._pytree import tree_leaves
 import bkn.nn
 from bkn.data import build_datasets, build_loader, measure_loader_throughput
 from bkn.functional import num_groups
-from bkn.models import PAPER_INPUT, build_model, list_models
+from bkn.models import PAPER_INPUT, build_model
 from bkn.nn import NormSpec
 
 # name -> the normalizer, given the setting's statistics_batch_size. "bn" is the baseline.
@@ -540,7 +540,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the issue's settings; other options override it")
-    parser.add_argument("--model", choices=list_models(), help="the bkn.models network")
+    parser.add_argument("--model", choices=list(PAPER_INPUT), help="the bkn.models network")
     parser.add_argument("--norms", help=f"comma-separated variants of {', '.join(VARIANTS)}, or all")
     parser.add_argument("--batch", type=int, help="examples per device per step (default 32)")
     parser.add_argument("--statistics", type=int, help="statistics_batch_size of the grouped variants (default 2)")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import bkn.nn as N
-from bkn.models import MODELS, build_model, list_models
+from bkn.models import MODELS, PAPER_MODELS, build_model, list_models
 from bkn.models.__main__ import main as summary_main
 from bkn.models.summary import count_macs, count_parameters
 
@@ -42,7 +42,7 @@ def images(batch: int, name: str, seed: int = 0) -> torch.Tensor:
 
 
 MATRIX = [pytest.param(name, norm, id=f"{name}-{norm}", marks=() if (name, norm) in FAST else pytest.mark.slow)
-          for name in list_models() for norm in NORMS]
+          for name in PAPER_MODELS for norm in NORMS]
 
 
 @pytest.mark.parametrize("name, norm", MATRIX)

@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes, and the SIGTERM / SIGINT flag that asks for one.
+"""Checkpoints that survive crashes, and the SIGTERM / SIGINT / SIGUSR2 flag that asks for one.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then moved over
 ``last.pt`` with ``os.replace`` (atomic on POSIX): a crash or kill mid-write leaves the previous
@@ -58,11 +58,15 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """While active, SIGTERM and SIGINT set ``requested`` instead of killing the process, so the
-    training loop can checkpoint at the next step boundary and exit cleanly (SLURM preemption,
-    ``scancel``, torchrun shutting down its workers, Ctrl+C)."""
+    """While active, SIGTERM, SIGINT and SIGUSR2 set ``requested`` instead of killing the process, so
+    the training loop can checkpoint at the next step boundary and exit cleanly (SLURM preemption,
+    ``scancel``, torchrun shutting down its workers, Ctrl+C).
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGUSR2 is submitit's signal on SLURM, sent ``signal_delay_s`` before the time limit or by
+    ``scancel --signal=USR2``; submitit's own handler requeues the job and exits. It must run only
+    after the checkpoint is written, so it is kept and called by :meth:`pass_on`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.requested = False
@@ -85,3 +89,12 @@ class StopRequest:
     def __exit__(self, *exc_info: object) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+    def pass_on(self) -> None:
+        """After a stop by SIGUSR2, call the handler it had before (under submitit: requeue the job
+        and exit, so that it continues from the checkpoint just written)."""
+        if self.signal_name != "SIGUSR2":
+            return
+        handler = self._previous.get(signal.SIGUSR2)
+        if callable(handler):
+            handler(signal.SIGUSR2, None)

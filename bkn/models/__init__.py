@@ -1,7 +1,9 @@
 """The paper's networks, built by name: ``build_model("resnet101", 1000, {"name": "bkn", ...}, 224)``.
 
 Every conv is followed by the chosen normalizer (BN, BRN or BKN) and the BKN estimate flows
-through the forward pass explicitly; ``model(x)`` returns logits.
+through the forward pass explicitly; ``model(x)`` returns logits. ``build_model("timm", ...,
+arch="resnet18")`` builds a timm model with our BN or BRN instead of its BatchNorms
+(:mod:`bkn.models.timm_models`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from bkn.models import cifar_net, inception_v2, preact_resnet, resnet
+from bkn.models import cifar_net, inception_v2, preact_resnet, resnet, timm_models
 from bkn.nn import NormSpec
 
 Builder = Callable[..., nn.Module]  # builder(num_classes, norm, image_size, **options)
 
-MODELS: dict[str, Builder] = {
+PAPER_MODELS: dict[str, Builder] = {
     "cifar_net": cifar_net.cifar_net,
     "inception_v2": inception_v2.inception_v2,
     **{name: partial(resnet.resnet, name) for name in resnet.LAYOUTS},
     **{name: partial(preact_resnet.preact_resnet, name) for name in preact_resnet.DEPTHS},
 }
+MODELS: dict[str, Builder] = {**PAPER_MODELS, "timm": timm_models.timm_model}
 
 
 class PaperInput(NamedTuple):
@@ -33,7 +36,7 @@ class PaperInput(NamedTuple):
 # What each network classifies in the paper: 224x224 ImageNet crops or 32x32 CIFAR-10 images.
 PAPER_INPUT: dict[str, PaperInput] = {
     name: PaperInput(32, 10) if name in ("cifar_net", *preact_resnet.DEPTHS) else PaperInput(224, 1000)
-    for name in MODELS
+    for name in PAPER_MODELS
 }
 
 
@@ -45,7 +48,8 @@ def build_model(name: str, num_classes: int, norm: NormSpec, image_size: int, **
     """Build model ``name`` for ``image_size`` x ``image_size`` inputs with normalizer ``norm``.
 
     ``norm`` holds :func:`bkn.nn.build_norm`'s arguments, or is a normalizer's name (``"bn"``).
-    ``options`` are the model's own (``in_channels``; ``zero_init_residual`` for the ResNets).
+    ``options`` are the model's own (``in_channels``; ``zero_init_residual`` for the ResNets;
+    ``arch`` and timm's options for timm).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (model=...)")
@@ -57,4 +61,4 @@ def build_model(name: str, num_classes: int, norm: NormSpec, image_size: int, **
     return builder(num_classes=num_classes, norm=norm, image_size=image_size, **options)
 
 
-__all__ = ["MODELS", "PAPER_INPUT", "PaperInput", "build_model", "list_models"]
+__all__ = ["MODELS", "PAPER_INPUT", "PAPER_MODELS", "PaperInput", "build_model", "list_models"]
