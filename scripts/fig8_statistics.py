@@ -34,7 +34,7 @@ from bkn.engine.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
 from bkn.engine.session import load_datasets, model_options, normalizer_spec  # noqa: E402
 from bkn.functional import group_stats  # noqa: E402
 from bkn.models import build_model  # noqa: E402
-from bkn.nn import ConvNormAct, set_inference  # noqa: E402
+from bkn.nn import ConvNormAct, KalmanNorm2d, set_inference  # noqa: E402
 from run_records import Run, load_local  # noqa: E402
 
 NORMALIZERS = ("bn", "bkn")
@@ -86,7 +86,8 @@ def measure(run: Run, layer: str | None, batches: int, device: torch.device) -> 
     def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor | tuple) -> None:
         x = inputs[0].float()
         _, variance = group_stats(x, statistics)
-        estimate = output[1].var if isinstance(output, tuple) and output[1] is not None else variance
+        # BKN: its Kalman estimate (not the state it passes on, which may describe its output)
+        estimate = module.filter(*inputs)[1].var if isinstance(module, KalmanNorm2d) else variance
         # The moving variance is an EMA of unbiased variances (n / (n - 1)): compare like with like.
         count = statistics * x[0, 0].numel()
         correction = count / max(count - 1, 1)

@@ -154,20 +154,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    for name in [part for part in PARTS if part != "quick"] if args.part == "all" else [args.part]:
-        run_part(name, args.runs_dir.resolve(), args.workers, args.dry_run)
+    for part_name in [part for part in PARTS if part != "quick"] if args.part == "all" else [args.part]:
+        run_part(part_name, args.runs_dir.resolve(), args.workers, args.dry_run)
 
 
-def run_part(name: str, runs_dir: Path, workers: int, dry_run: bool) -> None:
-    part = PARTS[name]
+def run_part(part_name: str, runs_dir: Path, workers: int, dry_run: bool) -> None:
+    part = PARTS[part_name]
     specs = run_specs(part, runs_dir)
     todo = [spec for spec in specs if not is_finished(runs_dir / part.experiment / spec.name)]
-    print(f"study part {name}: {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run")
+    print(f"study part {part_name}: {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run")
     if dry_run:
         for spec in todo:
             print("python train.py " + " ".join(spec.overrides))
         return
-    logs = runs_dir / "logs" / name
+    logs = runs_dir / "logs" / part_name
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
@@ -178,9 +178,9 @@ def run_part(name: str, runs_dir: Path, workers: int, dry_run: bool) -> None:
             results.append((name, code))
     wall = time.monotonic() - started
     with open(logs / "wall_times.jsonl", "a") as handle:
-        handle.write(json.dumps({"part": name, "runs": len(todo), "wall_s": round(wall, 1),
+        handle.write(json.dumps({"part": part_name, "runs": len(todo), "wall_s": round(wall, 1),
                                  "workers": workers, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    print(f"study part {name}: {wall:.0f} s for {len(todo)} runs")
+    print(f"study part {part_name}: {wall:.0f} s for {len(todo)} runs")
     failed = [name for name, code in results if code != 0]
     if failed:
         sys.exit(f"error: {len(failed)} run(s) failed; see {logs}/{failed[0]}.log")

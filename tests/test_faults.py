@@ -130,7 +130,7 @@ def test_a_run_blown_up_by_its_learning_rate_is_diverged_not_finished(tmp_path: 
     register_tiny_net(monkeypatch)
     overrides = [*TINY, "optim.lr=1e12", "train.max_bad_steps=20", f"out_dir={tmp_path}"]
     assert run_train_main(monkeypatch, overrides) == 1
-    assert read_summary(tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0")["status"] == "diverged"
+    assert read_summary(the_run_dir(tmp_path))["status"] == "diverged"
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: diverged at step ")
     assert error[0].endswith("Lower optim.lr (it is 1e+12), use amp=bf16 instead of fp16, or check the data")
@@ -144,7 +144,7 @@ def test_a_non_finite_final_evaluation_is_diverged(tmp_path: Path, monkeypatch: 
     _poison_steps(monkeypatch, set(range(3, 100)))
     monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: EvalResult(10.0, 50.0, math.nan, 20))
     assert run_train_main(monkeypatch, [*TINY, "train.max_bad_steps=20", f"out_dir={tmp_path}"]) == 1
-    summary = read_summary(tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0")
+    summary = read_summary(the_run_dir(tmp_path))
     assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: diverged at step 3: the final evaluation's loss is nan (population statistics); 3 of 6 steps were "
@@ -169,7 +169,7 @@ def test_non_finite_parameters_are_diverged_at_the_next_log_point(tmp_path: Path
     assert capsys.readouterr().err.strip().splitlines() == [  # found at step 4's log point, step 4 skipped
         "error: diverged at step 3: the parameters are no longer finite; 1 of 4 steps were skipped as non-finite. "
         "Lower optim.lr (it is 0.05), use amp=bf16 instead of fp16, or check the data"]
-    assert read_summary(tmp_path / "default" / "tiny_net_bkn-analytic_g8_s2_seed0")["status"] == "diverged"
+    assert read_summary(the_run_dir(tmp_path))["status"] == "diverged"
 
 
 def test_a_failing_wandb_never_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -54,9 +54,12 @@ def build_model(name: str, num_classes: int, norm: NormSpec, image_size: int, **
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()} (model=...)")
     builder = MODELS[name]
-    accepted = set(inspect.signature(builder).parameters) - {"num_classes", "norm", "image_size"}
+    parameters = inspect.signature(builder).parameters
+    accepted = {key for key, parameter in parameters.items() if parameter.kind is not parameter.VAR_KEYWORD}
+    accepted -= {"num_classes", "norm", "image_size"}
     unknown = sorted(set(options) - accepted)
-    if unknown:
+    # A builder with **options (timm's) passes the rest on; its library checks them.
+    if unknown and not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
         raise ValueError(f"model {name!r} has no option {unknown[0]!r}; its options are {sorted(accepted)}")
     return builder(num_classes=num_classes, norm=norm, image_size=image_size, **options)
 

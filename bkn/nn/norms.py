@@ -292,6 +292,16 @@ class KalmanNorm2d(_GroupedNorm):
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x), None
+        observation, (mean, var) = self.filter(x, prior)
+        self._update_running_stats(mean, var, x)
+        y = BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        if self.state_from == "input":
+            return y, KalmanState(mean, var)
+        return y, KalmanState(*BF.normalized_moments(*observation, mean, var, self.weight, self.bias, self.eps))
+
+    def filter(self, x: Tensor, prior: State = None) -> tuple[KalmanState, KalmanState]:
+        """``(observation, estimate)``: each group's observed statistics of ``x`` and the Kalman
+        estimate the layer normalizes with (the observation itself without a ``prior``)."""
         obs_mean, obs_var = BF.group_stats(x, self.statistics_batch_size)
         mean, var = obs_mean, obs_var
         if prior is not None:
@@ -309,11 +319,7 @@ class KalmanNorm2d(_GroupedNorm):
                 post_mean = torch.where(trust_observation, mean, post_mean)
                 post_var = torch.where(trust_observation, var, post_var)
             mean, var = post_mean, post_var.clamp_min(0)
-        self._update_running_stats(mean, var, x)
-        y = BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
-        if self.state_from == "input":
-            return y, KalmanState(mean, var)
-        return y, KalmanState(*BF.normalized_moments(obs_mean, obs_var, mean, var, self.weight, self.bias, self.eps))
+        return KalmanState(obs_mean, obs_var), KalmanState(mean, var)
 
 
 class BatchNorm1d(BatchNorm2d):
