@@ -11,6 +11,7 @@ finish from empty run records in about 75 minutes on a 2-core CPU (two one-threa
     g8_s2     (8, 2): every normalizer, 3 seeds
     hard      the harder variant (configs/data/digits_hard.yaml) at (64, 64) and (16, 1)
     state     why the analytic transition stalled: what BKN passes on (state_from), at (32, 1) and (16, 1)
+    stall     the recipe it stalled under (lr 0.05, no warm-up, 1,500 steps at (32, 1)), input vs output state
     all       every part but quick, one after the other (several hours)
 
 Every run of a part sees the same examples (``epochs`` of the training set) whatever its
@@ -84,6 +85,7 @@ class Part:
     seeds: tuple[int, ...]
     epochs: int
     data: str = "digits"
+    steps: int | None = None  # a fixed number of steps instead of epochs, without the warm-up
 
 
 PARTS = {
@@ -94,6 +96,9 @@ PARTS = {
     "g8_s2": Part("study", ((8, 2),), CORE, (0, 1, 2), 30),
     "hard": Part("study_hard", ((64, 64), (16, 1)), HARD, (0, 1, 2), 60, data="digits_hard"),
     "state": Part("study_state", ((32, 1), (16, 1)), STATE, (0, 1), 30),
+    # The recipe under which BKN-analytic was seen to stall: lr 0.05, no warm-up, 1,500 steps at (32, 1).
+    "stall": Part("study_stall", ((32, 1),), {k: v for k, v in STATE.items() if "analytic" in k}, (0, 1), 0,
+                  steps=1500),
 }
 
 
@@ -105,16 +110,18 @@ class RunSpec:
 
 def run_specs(part: Part, runs_dir: Path) -> list[RunSpec]:
     """Every run of ``part``, the costliest (smallest gradient batch) first."""
-    examples = part.epochs * TRAIN_EXAMPLES[part.data]
     specs = []
     for gradient, statistics in sorted(part.settings):
         steps_per_epoch = TRAIN_EXAMPLES[part.data] // gradient
+        length = ([f"train.steps={part.steps}", "train.epochs=null", "schedule.warmup_steps=0"] if part.steps else
+                  [f"train.epochs={part.epochs}", f"schedule.warmup_steps={steps_per_epoch}"])
         setting = [
             "experiment=study", f"data={part.data}", f"experiment_name={part.experiment}", f"out_dir={runs_dir}",
             "resume=auto", f"batch.gradient={gradient}", f"batch.statistics={statistics}",
-            f"batch.per_device={gradient}", f"train.epochs={part.epochs}", f"optim.lr={BASE_LR * gradient / BASE_BATCH:g}",
-            "schedule=cosine", f"schedule.warmup_steps={steps_per_epoch}", f"eval.every={steps_per_epoch}",
+            f"batch.per_device={gradient}", f"optim.lr={BASE_LR * gradient / BASE_BATCH:g}", "schedule=cosine",
+            *length, f"eval.every={steps_per_epoch}",
         ]
+        examples = part.steps * gradient if part.steps else part.epochs * TRAIN_EXAMPLES[part.data]
         gain = LARGE_BATCH_GAIN if statistics >= LARGE_STATISTICS else MICRO_BATCH_GAIN
         for variant, normalizer in part.variants.items():
             if variant.startswith("bkn"):

@@ -40,6 +40,7 @@ EXPERIMENTS = {
     "study_hard": "the harder digits (500 training images, pixel noise std 0.3)",
     "study_state": "what BKN passes on to the next layer's prediction: its output's statistics or its input's",
     "study_quick": "first look: (32, 2), 10 epochs, one seed (not converged by design)",
+    "study_stall": "the recipe BKN-analytic stalled under: lr 0.05, no warm-up, 1,500 steps at (32, 1)",
 }
 BASELINE_SETTING, CONVERGED_TOP1 = (64, 64), 97.0
 REACH_FRACTION = 0.95  # convergence speed: steps until 95% of the baseline's final top-1

@@ -35,13 +35,16 @@ def test_every_part_runs_every_setting_variant_and_seed_once_on_the_same_example
         for spec in specs:
             settings = overrides_of(spec)
             gradient, statistics_size = int(settings["batch.gradient"]), int(settings["batch.statistics"])
-            assert settings["train.epochs"] == str(part.epochs)  # the same examples at every setting
+            if part.steps:
+                assert (settings["train.steps"], settings["train.epochs"]) == (str(part.steps), "null")
+            else:
+                assert settings["train.epochs"] == str(part.epochs)  # the same examples at every setting
             assert float(settings["optim.lr"]) == pytest.approx(0.1 * gradient / 64)
             assert settings["run_name"] == spec.name and settings["experiment_name"] == part.experiment
             if "normalizer.gain" in settings:
                 assert float(settings["normalizer.gain"]) == (0.95 if statistics_size >= 32 else 0.1)
             if settings["normalizer"] == "brn":
-                examples = part.epochs * study.TRAIN_EXAMPLES[part.data]
+                examples = part.steps * gradient if part.steps else part.epochs * study.TRAIN_EXAMPLES[part.data]
                 assert int(settings["normalizer.relax_steps"]) == round(0.4 * examples / gradient)
     assert {v for p in ("g32_s2", "g16_s1") for v in study.PARTS[p].variants} >= set(study.ABLATIONS)
 
@@ -65,7 +68,10 @@ def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
                 seen.add((variant, part.data))
                 cfg = compose("config", overrides=list(spec.overrides))
                 plan = validate(cfg).with_train_set(study.TRAIN_EXAMPLES[part.data])
-                assert plan.train_epochs == part.epochs and plan.train_steps is None, spec.name
+                if part.steps:
+                    assert plan.train_steps == part.steps and plan.train_epochs is None, spec.name
+                else:
+                    assert plan.train_epochs == part.epochs and plan.train_steps is None, spec.name
                 assert plan.run_dir == tmp_path / part.experiment / spec.name
                 assert cfg.data.name == "digits" and cfg.model.name == "preact_resnet32"
 
