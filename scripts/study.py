@@ -63,6 +63,8 @@ CORE = {
     "bkn-linear": ["normalizer=bkn_linear"],
     "bkn-monte_carlo": ["normalizer=bkn_monte_carlo"],
     "bkn-analytic": ["normalizer=bkn_analytic"],
+    # The authors' code exactly: the Monte-Carlo transition from the previous layer's input statistics.
+    "bkn-monte_carlo-state_input": ["normalizer=bkn_monte_carlo", "normalizer.state_from=input"],
 }
 ABLATIONS = {
     # Shrinkage toward a learned prior, without propagation from the previous layer (A frozen at 0).
@@ -75,6 +77,7 @@ STATE = {
     for transition in ("analytic", "monte_carlo") for state in ("input", "output")
 }
 HARD = {name: CORE[name] for name in ("bn", "brn", "gn", "bkn-linear", "bkn-analytic")}
+QUICK = {name: CORE[name] for name in ("bn", "brn", "gn", "bkn-linear", "bkn-monte_carlo", "bkn-analytic")}
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class Part:
 
 
 PARTS = {
-    "quick": Part("study_quick", ((32, 2),), CORE, (0,), 10),
+    "quick": Part("study_quick", ((32, 2),), QUICK, (0,), 10),
     "baseline": Part("study", ((64, 64),), CORE, (0, 1, 2), 30),
     "g32_s2": Part("study", ((32, 2),), {**CORE, **ABLATIONS}, (0, 1, 2), 30),
     "g16_s1": Part("study", ((16, 1),), {**CORE, **ABLATIONS}, (0, 1, 2), 30),

@@ -46,7 +46,7 @@ BASELINE_SETTING, CONVERGED_TOP1 = (64, 64), 97.0
 REACH_FRACTION = 0.95  # convergence speed: steps until 95% of the baseline's final top-1
 # Training loss flat: the mean of the last 10% of steps at most 20% (or 0.01) below that of the 10% before.
 FLAT_TOLERANCE, FLAT_ABSOLUTE = 0.2, 0.01
-ORDER = ("bn", "brn", "gn", "bkn-linear", "bkn-monte_carlo", "bkn-analytic")
+ORDER = ("bn", "brn", "gn", "bkn-linear", "bkn-monte_carlo", "bkn-analytic")  # then BKN's variants
 NAMES = {"bn": "BN", "brn": "BRN", "gn": "GN", "bkn": "BKN"}
 PAPER_SPEED_CLAIM = ("Paper (Table 1, InceptionV2 on ImageNet at (256, 32)): BKN reaches BN's final top-1 "
                      "in 41.2% fewer steps (100k against 170k).")
