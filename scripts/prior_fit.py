@@ -63,12 +63,14 @@ def model_ratios(model: nn.Module, loader: Iterable, statistics_batch_size: int,
     handles = [module.register_forward_pre_hook(recorder(name)) for name, module in model.named_modules()
                if isinstance(module, KalmanNorm2d)]
     try:
-        for index, (images, _) in enumerate(loader):
-            if index == batches:
-                break
-            images = images[: len(images) - len(images) % statistics_batch_size]  # whole groups only
-            if len(images):
-                model(images.to(device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the Monte-Carlo transition samples: the same numbers on every call
+            for index, (images, _) in enumerate(loader):
+                if index == batches:
+                    break
+                images = images[: len(images) - len(images) % statistics_batch_size]  # whole groups only
+                if len(images):
+                    model(images.to(device))
     finally:
         for handle in handles:
             handle.remove()

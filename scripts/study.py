@@ -25,8 +25,9 @@ gradient batch, so the settings differ in their number of steps. What follows fr
 - an evaluation (both inference options) after every epoch.
 
 Each run is one ``train.py`` process with an explicit ``run_name``, so the run folders do not
-depend on how train.py names runs. Finished runs (status ``finished`` in summary.json) are
-skipped without starting a process; a stopped one resumes from its checkpoint (``resume=auto``).
+depend on how train.py names runs. Finished runs (status ``finished`` in summary.json, in the
+runs dir or among the committed records in results/study/records/) are skipped without starting
+a process; a stopped one resumes from its checkpoint (``resume=auto``).
 Each invocation appends its wall time to ``<runs-dir>/logs/<part>/wall_times.jsonl``; then
 ``scripts/study_report.py`` (``make study`` runs it) writes results/study/.
 
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "results" / "study" / "records"  # committed records of finished runs
 
 BASE_LR, BASE_BATCH = 0.1, 64  # the linear scaling rule: lr = 0.1 x gradient / 64
 MICRO_BATCH_GAIN, LARGE_BATCH_GAIN = 0.1, 0.95
@@ -147,6 +149,11 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+def already_run(runs_dir: Path, experiment: str, name: str) -> bool:
+    """Finished in the runs dir, or committed as finished in results/study/records/ (study_report.py)."""
+    return is_finished(runs_dir / experiment / name) or is_finished(RECORDS / experiment / name)
+
+
 def train(spec: RunSpec, logs: Path) -> tuple[str, int, float]:
     start = time.monotonic()
     with open(logs / f"{spec.name}.log", "w") as log:
@@ -171,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_part(part_name: str, runs_dir: Path, workers: int, dry_run: bool) -> None:
     part = PARTS[part_name]
     specs = run_specs(part, runs_dir)
-    todo = [spec for spec in specs if not is_finished(runs_dir / part.experiment / spec.name)]
+    todo = [spec for spec in specs if not already_run(runs_dir, part.experiment, spec.name)]
     print(f"study part {part_name}: {len(specs)} runs, {len(specs) - len(todo)} finished, {len(todo)} to run")
     if dry_run:
         for spec in todo:

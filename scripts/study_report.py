@@ -11,6 +11,11 @@ main grid and from ``study_state``, ``prior_fit.md`` / ``prior_fit_state.md`` (s
 how far each BKN layer's prior lies from what it observes), and the same before any training,
 ``prior_fit_initial.md``.
 
+Each finished run's record (summary.json, config.yaml, metrics.jsonl: no checkpoint) is copied to
+``results/study/records/``, which is committed: the tables regenerate from it on any machine, and
+scripts/study.py counts those runs as finished. What needs a trained network (the Fig. 8 analogue,
+the prior fit) uses the runs whose checkpoint is still in the runs dir.
+
 The first line of results/study/README.md is this script's: whether the study converged (the
 large-batch BN baseline at >= 97% top-1 with population statistics). The rest of the README is
 written by hand from these files and is left as it is.
@@ -23,12 +28,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from bkn.engine.checkpoint import checkpoint_path
 
 import plots
 import prior_fit
@@ -228,6 +236,30 @@ def status_line(baseline: float | None) -> str:
             f"top-1 (population statistics, >= {CONVERGED_TOP1:g}%).")
 
 
+RECORD_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
+
+
+def load_runs(runs_dir: Path, records_dir: Path, experiment: str) -> list[Run]:
+    """The runs of ``experiment`` under ``runs_dir``, and the committed records of those not there."""
+    runs = load_local(runs_dir, [experiment])
+    names = {run.name for run in runs}
+    return runs + [run for run in load_local(records_dir, [experiment]) if run.name not in names]
+
+
+def save_records(runs: Sequence[Run], records_dir: Path) -> None:
+    for run in runs:
+        if run.finished and run.directory is not None and run.directory.parent.parent != records_dir:
+            target = records_dir / run.experiment / run.directory.name
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RECORD_FILES:
+                if (run.directory / name).exists():
+                    shutil.copyfile(run.directory / name, target / name)
+
+
+def with_checkpoints(runs: Sequence[Run]) -> list[Run]:
+    return [run for run in runs if run.directory is not None and checkpoint_path(run.directory).exists()]
+
+
 def write_readme_status(out_dir: Path, line: str) -> None:
     readme = out_dir / "README.md"
     rest = readme.read_text().splitlines()[1:] if readme.exists() else ["", "# The CPU study", ""]
@@ -244,11 +276,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="skip what loads the trained networks (the Fig. 8 analogue, the prior fit)")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    records_dir = args.out_dir / "records"
     written = []
     for experiment in EXPERIMENTS:
-        runs = load_local(args.runs_dir, [experiment])
+        runs = load_runs(args.runs_dir, records_dir, experiment)
         if not runs:
             continue
+        save_records(runs, records_dir)
         write_results_table(experiment, runs, args.out_dir)
         write_figure(experiment, runs, args.out_dir)
         written.append(experiment)
@@ -257,15 +291,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             if baseline is not None:
                 write_steps_to_baseline(runs, baseline, args.out_dir)
             if not args.no_checkpoints:
-                write_variance_gap(runs, args.out_dir)
+                write_variance_gap(with_checkpoints(runs), args.out_dir)
         if experiment in PRIOR_FIT and not args.no_checkpoints:
-            rows = prior_fit.summarize(runs, batches=4, device=torch.device("cpu"))
+            rows = prior_fit.summarize(with_checkpoints(runs), batches=4, device=torch.device("cpu"))
             if rows:
                 prior_fit.write_markdown(rows, args.out_dir / PRIOR_FIT[experiment], "make study")
     if not args.no_checkpoints:  # before any training: what each kind of state predicts at initialization
         prior_fit.write_markdown(prior_fit.initial_rows(batches=4), args.out_dir / "prior_fit_initial.md",
                                  "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
-    main_runs = load_local(args.runs_dir, ["study"])
+    main_runs = load_runs(args.runs_dir, records_dir, "study")
     line = status_line(baseline_top1(main_runs))
     times = wall_times(args.runs_dir)
     if times:

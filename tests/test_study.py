@@ -4,6 +4,7 @@ writes itself (in train.py's format, docs/run-records.md)."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -76,7 +77,9 @@ def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
                 assert cfg.data.name == "digits" and cfg.model.name == "preact_resnet32"
 
 
-def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
     part = study.PARTS["quick"]
     specs = study.run_specs(part, tmp_path.resolve())
     done = tmp_path / part.experiment / specs[0].name
@@ -89,6 +92,11 @@ def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert f"{len(specs)} runs, 1 finished, {len(specs) - 1} to run" in out
     assert specs[0].name not in out and specs[1].name in out
+    committed = tmp_path / "records" / part.experiment / specs[2].name  # a committed record counts too
+    committed.mkdir(parents=True)
+    (committed / "summary.json").write_text(json.dumps({"status": "finished"}))
+    study.main(["quick", "--runs-dir", str(tmp_path), "--dry-run"])
+    assert f"{len(specs)} runs, 2 finished, {len(specs) - 2} to run" in capsys.readouterr().out
 
 
 def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], normalizer: dict, seed: int, *,
@@ -126,6 +134,12 @@ def test_report_rows_final_loss_and_steps_to_the_baseline(tmp_path: Path) -> Non
                         losses=falling, curve=curve)
     write_study_run(runs, "study", (16, 1), {"name": "bn"}, 0, top1=0.0, losses=[], curve=[], status="diverged")
 
+    report(runs, out)
+    saved = sorted(path.parent.name for path in (out / "records" / "study").glob("*/summary.json"))
+    assert saved == ["g16_s1_bkn-analytic_seed0", "g16_s1_bkn-analytic_seed1", "g64_s64_bn_seed0",
+                     "g64_s64_bn_seed1"]  # finished runs only
+    for directory in runs.glob("study/g64*"):  # the committed records stand in for runs no longer here
+        shutil.rmtree(directory)
     report(runs, out)
 
     lines = [line for line in (out / "study.md").read_text().splitlines() if line.startswith("| (")]
