@@ -41,6 +41,7 @@ STEPS = 300
 RUN = ["data=synthetic", "data.image_size=8", "data.train_size=64", "data.test_size=16", "data.num_classes=4",
        "model.width=0.25", "batch.gradient=8", "batch.statistics=2", f"train.steps={STEPS}", "train.epochs=null",
        "train.log_every=10", "checkpoint.every=50"]
+# Run folder names start so; RUN's overrides add their hash (the same in every sweep here).
 RUN_NAME = {"bn": "cifar_net-w0.25_bn_g8_s2_seed0", "bkn": "cifar_net-w0.25_bkn-analytic_g8_s2_seed0"}
 JOB_TIMEOUT_S = 300
 # The jobs start Python in the sweep's folder: PYTHONPATH makes them import this checkout's bkn.
@@ -95,6 +96,12 @@ def job_ids(sweep_dir: Path) -> list[str]:
     return sorted(folder.name for folder in jobs.iterdir() if (folder / f"{folder.name}_0_log.out").exists())
 
 
+def run_dir_of(sweep_dir: Path, normalizer: str) -> Path:
+    """The folder of ``normalizer``'s run in ``sweep_dir`` (where it will be, before it exists)."""
+    found = sorted(sweep_dir.glob(f"{RUN_NAME[normalizer]}_*"))
+    return found[0] if found else sweep_dir / RUN_NAME[normalizer]
+
+
 @pytest.fixture(scope="module")
 def reference_sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two jobs (BN, BKN), each two DDP ranks over gloo, run uninterrupted on the cluster."""
@@ -107,9 +114,9 @@ def reference_sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.slurm
 def test_a_sweep_runs_as_slurm_jobs_of_two_ddp_ranks(reference_sweep: Path) -> None:
     assert len(job_ids(reference_sweep)) == 2  # one SLURM job per sweep point
-    for name in RUN_NAME.values():
-        summary = read_summary(reference_sweep / name)
-        assert summary is not None, name
+    for normalizer in RUN_NAME:
+        summary = read_summary(run_dir_of(reference_sweep, normalizer))
+        assert summary is not None, normalizer
         assert (summary["status"], summary["step"], summary["world_size"]) == ("finished", STEPS, 2)
         assert set(summary["final"]) == {"population", "batch"}
 
@@ -150,7 +157,7 @@ def interrupted_sweep(tmp_path: Path, launcher: list[str], interrupt: Callable[[
                 sweep.send_signal(signal.SIGINT)
                 sweep.wait(timeout=30)
     assert sweep.returncode == 0, log.read_text()[-3000:]
-    return sweep_dir / RUN_NAME["bkn"]
+    return run_dir_of(sweep_dir, "bkn")
 
 
 def assert_resumed_like_the_reference(run_dir: Path, reference_sweep: Path, stops: int) -> None:
@@ -158,13 +165,13 @@ def assert_resumed_like_the_reference(run_dir: Path, reference_sweep: Path, stop
     one), and the final parameters of the uninterrupted reference run."""
     log = (run_dir / "train.log").read_text()
     stopped = {int(step) for step in re.findall(r"preempted by SIGUSR2 at step (\d+)", log)}  # every rank logs it
-    resumed = [int(step) for step in re.findall(r"resuming from \S+ at step (\d+)", log)]
+    resumed = [int(step) for step in re.findall(r"resumes from \S+ at step (\d+)", log)]  # the start banner
     assert len(stopped) >= stops, log[-3000:]
     # A set: a job signalled before training started resumes from the same checkpoint once more.
     assert set(resumed) == set(stopped) and all(0 < step < STEPS for step in stopped)
     summary = read_summary(run_dir)
     assert summary is not None and (summary["status"], summary["step"]) == ("finished", STEPS)
-    expected, actual = final_state(reference_sweep / RUN_NAME["bkn"]), final_state(run_dir)
+    expected, actual = final_state(run_dir_of(reference_sweep, "bkn")), final_state(run_dir)
     assert expected.keys() == actual.keys()
     for key in expected:  # parameters and running statistics, bit for bit
         assert torch.equal(expected[key], actual[key]), key
@@ -173,7 +180,7 @@ def assert_resumed_like_the_reference(run_dir: Path, reference_sweep: Path, stop
 @pytest.mark.slurm
 def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_one(reference_sweep: Path, tmp_path: Path) -> None:
     def preempt_after_step_30(sweep_dir: Path) -> bool:
-        metrics = sweep_dir / RUN_NAME["bkn"] / "metrics.jsonl"
+        metrics = run_dir_of(sweep_dir, "bkn") / "metrics.jsonl"
         if not (metrics.exists() and '"step": 30,' in metrics.read_text()):
             return False
         # Preemption as submitit expects it: SIGUSR2 to every task. bkn checkpoints at the next step

@@ -197,13 +197,15 @@ def run(cfg: DictConfig, plan: Plan) -> str:
             raise
         finally:
             record.write_summary(_summary(session, status, final))
+            if status == "preempted":  # before the logger closes: these lines belong in train.log too
+                log.warning("preempted by %s at step %d; checkpoint saved to %s. Run the same command again "
+                            "(resume=auto) to continue.", stop.signal_name, session.step,
+                            checkpoint_path(plan.run_dir))
+            elif status == "finished":
+                log.info("finished %d steps; run record in %s", session.step, plan.run_dir)
             logger.close(status)
     if status == "preempted":
-        log.warning("preempted by %s at step %d; checkpoint saved to %s. Run the same command again "
-                    "(resume=auto) to continue.", stop.signal_name, session.step, checkpoint_path(plan.run_dir))
         stop.pass_on()  # under submitit on SLURM: requeue the job, which resumes from this checkpoint
-    else:
-        log.info("finished %d steps; run record in %s", session.step, plan.run_dir)
     if stop.requested:  # also when it came during the final evaluation: a sweep stops here
         raise Interrupted(stop.signal_number)
     return status
