@@ -213,14 +213,20 @@ def write_variance_gap(runs: Sequence[Run], out_dir: Path) -> None:
     (out_dir / "variance_gap.md").write_text("\n".join(lines) + "\n")
 
 
-def wall_times(runs_dir: Path) -> dict[str, float]:
-    """Seconds each part's invocations took, added up (from study.py's logs)."""
-    totals: dict[str, float] = defaultdict(float)
+def wall_times(runs_dir: Path, records_dir: Path) -> dict[str, float]:
+    """Seconds each part's invocations took, added up. study.py logs them in the runs dir; they are
+    merged into the committed records/wall_times.jsonl, so a new machine keeps the earlier ones."""
+    committed = records_dir / "wall_times.jsonl"
+    lines = committed.read_text().splitlines() if committed.exists() else []
     for path in sorted((runs_dir / "logs").glob("*/wall_times.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                totals[entry["part"]] += entry["wall_s"]
+        lines += [line for line in path.read_text().splitlines() if line.strip() and line not in lines]
+    if not lines:
+        return {}
+    committed.write_text("".join(line + "\n" for line in lines))
+    totals: dict[str, float] = defaultdict(float)
+    for line in lines:
+        entry = json.loads(line)
+        totals[entry["part"]] += entry["wall_s"]
     return dict(totals)
 
 
@@ -301,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
     main_runs = load_runs(args.runs_dir, records_dir, "study")
     line = status_line(baseline_top1(main_runs))
-    times = wall_times(args.runs_dir)
+    times = wall_times(args.runs_dir, records_dir)
     if times:
         line += " Wall time per part on this machine: " + ", ".join(f"{part} {seconds / 60:.0f} min"
                                                                    for part, seconds in sorted(times.items())) + "."

@@ -47,7 +47,10 @@ def test_every_part_runs_every_setting_variant_and_seed_once_on_the_same_example
             if settings["normalizer"] == "brn":
                 examples = part.steps * gradient if part.steps else part.epochs * study.TRAIN_EXAMPLES[part.data]
                 assert int(settings["normalizer.relax_steps"]) == round(0.4 * examples / gradient)
-    assert {v for p in ("g32_s2", "g16_s1") for v in study.PARTS[p].variants} >= set(study.ABLATIONS)
+    assert {v for p in ("g32_s2", "g16_s1_seed0") for v in study.PARTS[p].variants} >= set(study.ABLATIONS)
+    for setting in ("g16_s1", "g8_s2"):  # split by seed, the parts together hold 3 seeds
+        assert sorted(seed for name, part in study.PARTS.items() if name.startswith(setting + "_")
+                      for seed in part.seeds) == [0, 1, 2]
 
 
 def test_the_training_set_sizes_the_study_assumes_are_the_data_sets_own() -> None:
@@ -170,8 +173,14 @@ def test_readme_first_line_says_whether_the_baseline_converged(tmp_path: Path, b
                         curve=[(1, baseline)])
     out.mkdir()
     (out / "README.md").write_text("Status: an old line\n\n# The CPU study\n\nWritten by hand.\n")
+    logs = runs / "logs" / "quick"
+    logs.mkdir(parents=True)
+    (logs / "wall_times.jsonl").write_text(json.dumps({"part": "quick", "wall_s": 600.0}) + "\n")
+    report(runs, out)
+    shutil.rmtree(runs / "logs")  # a new machine: the committed records keep the wall time
     report(runs, out)
     first, *rest = (out / "README.md").read_text().splitlines()
+    assert first.endswith("Wall time per part on this machine: quick 10 min.")
     assert first.startswith(f"Status: {word}")
     if baseline is not None:
         assert f"{baseline:.1f}%" in first
