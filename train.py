@@ -7,7 +7,8 @@ runs it. The same command runs under ``torchrun`` (one process per device) and o
 
 Exit codes: 0 finished or already finished; 1 diverged (non-finite steps, parameters or final
 evaluation) or crashed; 2 a bad setting or bad data, with a one-line message (printed once, by
-rank 0); 130 / 143 interrupted by SIGINT / SIGTERM, with a checkpoint (a sweep stops there).
+rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM / SIGUSR2, with a checkpoint (a sweep
+stops there; under submitit on SLURM, SIGUSR2 requeues the job instead).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from bkn.data import DataError  # noqa: E402
 from bkn.engine import TrainingStopped, run  # noqa: E402
 from bkn.engine.checkpoint import Interrupted  # noqa: E402
 from bkn.engine.session import load_datasets  # noqa: E402
-from bkn.engine.trainer import decide_start  # noqa: E402
+from bkn.engine.trainer import decide_start, start_banner  # noqa: E402
 
 OTHER_RANKS_WAIT_S = 5
 refusals: list[str] = []  # a dry run of a sweep checks every job, then reports them all
@@ -74,7 +75,7 @@ def main(cfg: DictConfig) -> None:
         if dry_run:  # what the real run would check and do, without doing it
             start = decide_start(cfg, plan)
             plan = plan.with_train_set(len(load_datasets(cfg, plan).train))
-            print(f"{plan.describe()}\n  {'start':<15} {start.describe()}")
+            print(start_banner(plan, start))
             return
         run(cfg, plan)
     except (ConfigError, DataError) as error:

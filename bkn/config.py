@@ -348,7 +348,7 @@ def _command_line_keys() -> set[str]:
     """The keys this job's command line sets (Hydra's record of its overrides); none outside Hydra."""
     if not HydraConfig.initialized():
         return set()
-    return {override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task}
+    return {_parse_override(override)[0] for override in HydraConfig.get().overrides.task}
 
 
 def _training_length(cfg: DictConfig) -> tuple[int | None, int | None]:
@@ -415,16 +415,20 @@ def _normalizer(cfg: DictConfig, statistics: int) -> dict[str, Any]:
     return spec
 
 
+def model_options(cfg: DictConfig) -> dict[str, Any]:
+    """The model config as ``bkn.models.build_model`` keyword arguments (all but its name and image size)."""
+    return {key: value for key, value in OmegaConf.to_container(_get(cfg, "model")).items()
+            if key not in ("name", "image_size")}
+
+
 def _model(cfg: DictConfig, norm: Mapping[str, Any]) -> int:
     """The input image size, checked by building the model on the meta device."""
     image_size = _int(cfg, "model.image_size", optional=True) or _int(cfg, "data.image_size", optional=True)
     if image_size is None:
         raise ConfigError("model.image_size and data.image_size are both null; set one of them")
-    options = {key: value for key, value in OmegaConf.to_container(_get(cfg, "model")).items()
-               if key not in ("name", "image_size")}
     try:
         with torch.device("meta"):
-            build_model(_get(cfg, "model.name"), 10, norm, image_size, **options)
+            build_model(_get(cfg, "model.name"), 10, norm, image_size, **model_options(cfg))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"model: {error}") from None
     return image_size

@@ -17,16 +17,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from omegaconf import OmegaConf  # noqa: E402
 from run_records import Run, load_run  # noqa: E402
+
+from bkn.config import is_under, run_settings  # noqa: E402
 
 COLUMNS = ("run", "experiment", "data", "lr", "normalizer", "setting (g, s)", "steps", "status",
            "top-1 population (B)", "top-1 batch (A)", "examples/s")
-# Settings that decide what a run computes (bkn.config.RUN_DEFINING_KEYS, less where the data
-# lives), and those the fixed columns already show.
-RUN_DEFINING = ("model", "normalizer", "data", "batch", "train.steps", "train.epochs", "optim", "schedule", "seed",
-                "amp")
-NOT_COMPARED = ("data.root", "data.download", "data.num_workers", "data.name", "optim.lr", "normalizer.name",
-                "normalizer.transition", "batch.gradient", "batch.statistics")
+# Run-defining settings (bkn.config.run_settings) that the fixed columns already show.
+SHOWN = ("data.name", "optim.lr", "normalizer.name", "normalizer.transition", "batch.gradient", "batch.statistics")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -40,23 +39,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _leaves(value: Any, key: str) -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        return {leaf: item for name, child in value.items() for leaf, item in _leaves(child, f"{key}.{name}").items()}
-    return {key: value}
-
-
 def settings(run: Run) -> dict[str, Any]:
     """The run's run-defining settings, ``{"optim.momentum": 0.9, ...}``, from its config.yaml."""
-    values: dict[str, Any] = {}
-    for prefix in RUN_DEFINING:
-        node: Any = run.config
-        for part in prefix.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            values.update(_leaves(node, prefix))
-    return {key: value for key, value in values.items()
-            if not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_COMPARED)}
+    return {key: value for key, value in run_settings(OmegaConf.create(run.config)).items()
+            if not is_under(key, SHOWN)}
 
 
 def differing(runs: list[Run]) -> list[str]:
@@ -77,12 +63,12 @@ def row(run: Run, extra: list[str]) -> tuple[str, ...]:
     normalizer = summary["normalizer"] + (f" ({summary['transition']})" if summary["transition"] else "")
     speed = summary["examples_per_s"]
     lr = (run.config.get("optim") or {}).get("lr")
-    run_settings = settings(run)
+    values = settings(run)
     return (run.name, run.experiment, str(summary.get("data")), "-" if lr is None else f"{lr:g}", normalizer,
             f"({summary['gradient_batch_size']}, {summary['statistics_batch_size']})",
             f"{summary['step']}/{summary['steps']}", summary["status"], _accuracy(summary, "population"),
             _accuracy(summary, "batch"), "-" if speed is None else f"{speed:.0f}",
-            *(str(run_settings.get(key, "-")) for key in extra))
+            *(str(values.get(key, "-")) for key in extra))
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -29,9 +29,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bkn.config import validate  # noqa: E402
+from bkn.config import model_options, validate  # noqa: E402
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
-from bkn.engine.session import load_datasets, model_options, normalizer_spec  # noqa: E402
+from bkn.engine.session import load_datasets, normalizer_spec  # noqa: E402
 from bkn.functional import group_stats  # noqa: E402
 from bkn.models import build_model  # noqa: E402
 from bkn.nn import ConvNormAct, KalmanNorm2d, set_inference  # noqa: E402

@@ -80,7 +80,8 @@ def model_ratios(model: nn.Module, loader: Iterable, statistics_batch_size: int,
 def initial_rows(batches: int, seeds: Sequence[int] = (0, 1, 2), statistics_batch_size: int = 1) -> list[dict]:
     """The same statistics before any training: the study's network (preact_resnet32 on digits,
     initialized as train.py does for each seed) with BKN passing on its input's or its output's
-    statistics. No run records needed."""
+    statistics, in training mode as the first step sees it (the throwaway model's running
+    statistics move; nothing reads them). No run records needed."""
     test = build_datasets("digits").test
     loader = DataLoader(test, batch_size=32, shuffle=False)
     groups: dict[tuple, list[list[float]]] = defaultdict(list)

@@ -2,7 +2,8 @@
 convergence check and the wall time of each part.
 
 For each experiment of the study (``study``: the main grid; ``study_hard``: the harder digits;
-``study_state``: what BKN passes on; ``study_quick``: the first look) it writes ``<experiment>.md``,
+``study_state``: what BKN passes on; ``study_stall``: the recipe BKN-analytic stalled under;
+``study_quick``: the first look) it writes ``<experiment>.md``,
 ``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options and
 the final training loss, mean ± std over the finished seeds. From the main grid it also writes
 ``steps_to_baseline.md`` (optimizer steps and examples until a run first reaches 95% of the
@@ -17,8 +18,9 @@ scripts/study.py counts those runs as finished. What needs a trained network (th
 the prior fit) uses the runs whose checkpoint is still in the runs dir.
 
 The first line of results/study/README.md is this script's: whether the study converged (the
-large-batch BN baseline at >= 97% top-1 with population statistics). The rest of the README is
-written by hand from these files and is left as it is.
+large-batch BN baseline at >= 97% top-1 with population statistics) and each part's wall time
+(records/wall_times.jsonl, merged from study.py's logs). The rest of the README is written by
+hand from these files and is left as it is.
 
     python scripts/study_report.py                      # runs/study -> results/study
 """
@@ -268,8 +270,8 @@ def with_checkpoints(runs: Sequence[Run]) -> list[Run]:
 
 def write_readme_status(out_dir: Path, line: str) -> None:
     readme = out_dir / "README.md"
-    rest = readme.read_text().splitlines()[1:] if readme.exists() else ["", "# The CPU study", ""]
-    if rest and rest[0].startswith(README_STATUS_PREFIX):  # never stack two status lines
+    rest = readme.read_text().splitlines() if readme.exists() else ["", "# The CPU study", ""]
+    if rest and rest[0].startswith(README_STATUS_PREFIX):  # replaced; any other first line is kept
         rest = rest[1:]
     readme.write_text("\n".join([line, *rest]) + "\n")
 
@@ -309,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     line = status_line(baseline_top1(main_runs))
     times = wall_times(args.runs_dir, records_dir)
     if times:
-        line += " Wall time per part on this machine: " + ", ".join(f"{part} {seconds / 60:.0f} min"
+        line += " Wall time per part (records/wall_times.jsonl): " + ", ".join(f"{part} {seconds / 60:.0f} min"
                                                                    for part, seconds in sorted(times.items())) + "."
     write_readme_status(args.out_dir, line)
     print(f"wrote {', '.join(written) or 'no tables (no runs yet)'} and the README status line to {args.out_dir}")

@@ -9,10 +9,12 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import bkn.engine.loop as loop
 from bkn.engine.batches import StepBatches
@@ -120,7 +122,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path: Path, monkeyp
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: stopped at step 5: 3 optimizer steps in a row had a non-finite loss or gradient and were skipped "
         f"(train.max_bad_steps=3); the last good checkpoint is {checkpoint_path(run_dir)} (step 4). "
-        "Lower optim.lr, use amp=bf16 instead of fp16, or check the data"]
+        "Lower optim.lr (it is 0.05) or check the data"]
     assert read_summary(run_dir)["status"] == "diverged"
 
 
@@ -133,7 +135,13 @@ def test_a_run_blown_up_by_its_learning_rate_is_diverged_not_finished(tmp_path: 
     assert read_summary(the_run_dir(tmp_path))["status"] == "diverged"
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: diverged at step ")
-    assert error[0].endswith("Lower optim.lr (it is 1e+12), use amp=bf16 instead of fp16, or check the data")
+    assert error[0].endswith("Lower optim.lr (it is 1e+12) or check the data")
+
+
+def test_the_advice_names_bf16_only_to_an_fp16_run() -> None:
+    for amp in (None, "bf16", "fp16"):
+        session = SimpleNamespace(cfg=OmegaConf.create({"optim": {"lr": 0.1}, "amp": amp}))
+        assert ("use amp=bf16 instead of fp16" in loop._advice(session)) == (amp == "fp16")
 
 
 def test_a_non_finite_final_evaluation_is_diverged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -148,7 +156,7 @@ def test_a_non_finite_final_evaluation_is_diverged(tmp_path: Path, monkeypatch: 
     assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: diverged at step 3: the final evaluation's loss is nan (population statistics); 3 of 6 steps were "
-        "skipped as non-finite. Lower optim.lr (it is 0.05), use amp=bf16 instead of fp16, or check the data"]
+        "skipped as non-finite. Lower optim.lr (it is 0.05) or check the data"]
 
 
 def test_non_finite_parameters_are_diverged_at_the_next_log_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -168,7 +176,7 @@ def test_non_finite_parameters_are_diverged_at_the_next_log_point(tmp_path: Path
     assert run_train_main(monkeypatch, overrides) == 1
     assert capsys.readouterr().err.strip().splitlines() == [  # found at step 4's log point, step 4 skipped
         "error: diverged at step 3: the parameters are no longer finite; 1 of 4 steps were skipped as non-finite. "
-        "Lower optim.lr (it is 0.05), use amp=bf16 instead of fp16, or check the data"]
+        "Lower optim.lr (it is 0.05) or check the data"]
     assert read_summary(the_run_dir(tmp_path))["status"] == "diverged"
 
 

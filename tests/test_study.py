@@ -180,11 +180,14 @@ def test_readme_first_line_says_whether_the_baseline_converged(tmp_path: Path, b
     shutil.rmtree(runs / "logs")  # a new machine: the committed records keep the wall time
     report(runs, out)
     first, *rest = (out / "README.md").read_text().splitlines()
-    assert first.endswith("Wall time per part on this machine: quick 10 min.")
+    assert first.endswith("Wall time per part (records/wall_times.jsonl): quick 10 min.")
     assert first.startswith(f"Status: {word}")
     if baseline is not None:
         assert f"{baseline:.1f}%" in first
     assert rest == ["", "# The CPU study", "", "Written by hand."]
+    (out / "README.md").write_text("# A README without a status line\n")
+    report(runs, out)
+    assert (out / "README.md").read_text().splitlines()[1:] == ["# A README without a status line"]
     assert "= B" in (out / "study.md").read_text()  # GN: options A and B are one thing
 
 

@@ -170,6 +170,10 @@ def test_evaluation_options_against_example_by_example() -> None:
     assert batch.top1 == pytest.approx(100 * (grouped.argmax(1) == labels[:10]).float().mean().item())
     assert batch.loss == pytest.approx(torch.nn.functional.cross_entropy(grouped, labels[:10]).item(), rel=1e-5)
     assert population.top5 == batch.top5 == 100.0  # 3 classes: top-5 is top-3
+    for module in model.modules():  # layers without running statistics use batch statistics in eval too
+        if hasattr(module, "track_running_stats"):
+            module.track_running_stats = False
+    assert evaluate(model, batches, inference="population", **options).examples == 10  # not an error
 
 
 def test_run_record_is_strict_json_without_credentials(tmp_path: Path) -> None:

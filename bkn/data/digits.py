@@ -54,8 +54,9 @@ def build_digits(
     train_index, test_index = train_test_split(
         range(len(labels)), test_size=test_size, stratify=digits.target, random_state=split_seed
     )
-    if train_per_class is not None:
-        train_index = [i for c in range(NUM_CLASSES) for i in [j for j in train_index if labels[j] == c][:train_per_class]]
+    if train_per_class is not None:  # the first N of each class in the split's order, class by class
+        chosen = [[i for i in train_index if digits.target[i] == c][:train_per_class] for c in range(NUM_CLASSES)]
+        train_index = [i for of_class in chosen for i in of_class]
     image_size = image_size or DIGITS_SIZE
     images = resize_images(images, image_size)
     train_images = images[train_index]

@@ -45,8 +45,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class Interrupted(Exception):
-    """A run stopped by SIGTERM / SIGINT after saving its checkpoint; train.py exits with
-    128 + the signal's number (130 for Ctrl+C, 143 for SIGTERM), which also stops a sweep."""
+    """A run stopped by SIGTERM / SIGINT / SIGUSR2 after saving its checkpoint; train.py exits with
+    128 + the signal's number (130 for Ctrl+C, 143 for SIGTERM, 140 for SIGUSR2), which also stops
+    a sweep."""
 
     def __init__(self, signal_number: int) -> None:
         super().__init__(f"interrupted by {signal.Signals(signal_number).name}")

@@ -4,7 +4,9 @@
   does not depend on the rest of its batch, and a batch of any size is evaluated whole.
 - ``batch`` (option A): each test batch is normalized in groups of the training
   ``statistics_batch_size`` with its own statistics. A last batch is trimmed to a multiple of it
-  (a group must be full), and the result reports how many examples were evaluated.
+  (a group must be full), and the result reports how many examples were evaluated. A model with
+  a layer that keeps no running statistics (``track_running_stats=False``) normalizes with batch
+  statistics under either option, so its batches are trimmed under both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkn.nn import set_inference
+from bkn.nn.norms import _GroupedNorm
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,12 @@ class EvalResult:
     examples: int
 
 
-def _full_groups(images: Tensor, labels: Tensor, statistics_batch_size: int,
-                 inference: str) -> tuple[Tensor, Tensor]:
-    """Option A's batch trimmed to whole statistics groups; option B's as it is."""
-    if inference != "batch":
-        return images, labels
+def _uses_batch_statistics(model: nn.Module, inference: str) -> bool:
+    return inference == "batch" or any(isinstance(module, _GroupedNorm) and not module.track_running_stats
+                                       for module in model.modules())
+
+
+def _whole_groups(images: Tensor, labels: Tensor, statistics_batch_size: int) -> tuple[Tensor, Tensor]:
     keep = len(labels) - len(labels) % statistics_batch_size
     return images[:keep], labels[:keep]
 
@@ -51,9 +55,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, infe
     correct5 = torch.zeros_like(correct1)
     loss_sum = torch.zeros((), device=device)
     examples = 0
+    trim = _uses_batch_statistics(model, inference)
     try:
         for images, labels in batches:
-            images, labels = _full_groups(images, labels, statistics_batch_size, inference)
+            if trim:
+                images, labels = _whole_groups(images, labels, statistics_batch_size)
             if len(labels) == 0:
                 continue
             labels = labels.to(device, non_blocking=True)

@@ -81,9 +81,9 @@ class Eta:
 class ProgressBar:
     """A one-line bar on a terminal: step, percentage, last loss, examples/s and ETA."""
 
-    def __init__(self, total_steps: int, start_step: int, stream: TextIO) -> None:
-        self.total_steps = total_steps
-        self.eta = Eta(total_steps, start_step)
+    def __init__(self, eta: Eta, stream: TextIO) -> None:
+        self.total_steps = eta.total_steps
+        self.eta = eta  # the run logger's: the bar and the log lines show the same time left
         self.stream = stream
         self.status = ""
 
@@ -112,10 +112,10 @@ class RunLogger:
         self.enabled = enabled
         self.total_steps, self.eta = total_steps, Eta(total_steps, start_step)
         interactive = enabled and stream.isatty()
-        self.bar = ProgressBar(total_steps, start_step, stream) if interactive else None
+        self.bar = ProgressBar(self.eta, stream) if interactive else None
         self.file_handler: logging.Handler | None = None
         if enabled:  # the same lines as the console's, kept with the run record
-            self.file_handler = logging.FileHandler(record.run_dir / "train.log")
+            self.file_handler = logging.FileHandler(record.log_path)
             self.file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             log.addHandler(self.file_handler)
 

@@ -1,5 +1,5 @@
 """The training loop: accumulation, AMP, skipped non-finite steps, periodic evaluation and
-checkpoints, a clean stop on SIGTERM / SIGINT, and the verdict "diverged".
+checkpoints, a clean stop on SIGTERM / SIGINT / SIGUSR2, and the verdict "diverged".
 
 One optimizer step = ``accumulation`` forward/backward passes over device batches (DDP syncs
 gradients only on the last, ``no_sync`` on the others), then one fused SGD update. Whether the
@@ -252,10 +252,15 @@ def _parameters_finite(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
+def _advice(session: Session) -> str:
+    lr = f"Lower optim.lr (it is {session.cfg.optim.lr:g})"
+    return f"{lr}, use amp=bf16 instead of fp16, or check the data" if session.cfg.amp == "fp16" else \
+        f"{lr} or check the data"
+
+
 def _diverged_message(session: Session, counter: NonFiniteCounter, what: str) -> str:
     return (f"diverged at step {counter.last_good_step(session.step)}: {what}; {counter.skipped_steps()} of "
-            f"{session.step} steps were skipped as non-finite. Lower optim.lr (it is {session.cfg.optim.lr:g}), "
-            f"use amp=bf16 instead of fp16, or check the data")
+            f"{session.step} steps were skipped as non-finite. {_advice(session)}")
 
 
 def _bad_steps_message(session: Session, longest: int, checkpoint_file: Path) -> str:
@@ -265,4 +270,4 @@ def _bad_steps_message(session: Session, longest: int, checkpoint_file: Path) ->
         survivor = f"the last good checkpoint is {checkpoint_file} (step {session.last_checkpoint_step})"
     return (f"stopped at step {session.step}: {longest} optimizer steps in a row had a non-finite loss or "
             f"gradient and were skipped (train.max_bad_steps={session.cfg.train.max_bad_steps}); {survivor}. "
-            f"Lower optim.lr, use amp=bf16 instead of fp16, or check the data")
+            f"{_advice(session)}")

@@ -57,10 +57,12 @@ class RunRecord:
         self.config_path = run_dir / "config.yaml"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.summary_path = run_dir / "summary.json"
+        self.log_path = run_dir / "train.log"  # the console's lines (RunLogger)
 
     def start(self, config: dict[str, Any], resumed_step: int | None) -> None:
-        """Write the config; a fresh run (``resumed_step`` None) drops an earlier record's metrics and
-        summary, a resumed one drops the lines after its checkpoint's step (they are replayed)."""
+        """Write the config; a fresh run (``resumed_step`` None) drops an earlier record's metrics,
+        summary and log, a resumed one drops the metrics after its checkpoint's step (they are
+        replayed) and appends to the log."""
         if not self.writable:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +70,7 @@ class RunRecord:
         if resumed_step is None:
             self.metrics_path.unlink(missing_ok=True)
             self.summary_path.unlink(missing_ok=True)
+            self.log_path.unlink(missing_ok=True)
         elif self.metrics_path.exists():
             kept = [line for line in read_metrics(self.run_dir) if line["step"] <= resumed_step]
             _write_atomically(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from bkn.config import ConfigError, Plan, run_settings
+from bkn.config import ConfigError, Plan, model_options, run_settings
 from bkn.data import Datasets, build_datasets, build_loader
 from bkn.engine.batches import StepBatches
 from bkn.engine.distributed import Collective
@@ -44,10 +44,6 @@ def load_datasets(cfg: DictConfig, plan: Plan) -> Datasets:
 def normalizer_spec(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
     """The normalizer config as ``bkn.nn.build_norm`` arguments."""
     return {**OmegaConf.to_container(cfg.normalizer), "statistics_batch_size": plan.statistics_batch_size}
-
-
-def model_options(cfg: DictConfig) -> dict[str, Any]:
-    return {key: value for key, value in OmegaConf.to_container(cfg.model).items() if key not in ("name", "image_size")}
 
 
 @dataclass

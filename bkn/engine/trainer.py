@@ -5,12 +5,15 @@ continues ``<run dir>/checkpoints/last.pt`` made with the same settings and does
 finished run; ``resume=null`` never overwrites a finished run of other settings; a checkpoint path
 must fit the model), joins the process group, builds the session, logs the plan, trains, and
 keeps ``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
-SIGINT: checkpoint saved, then ``Interrupted`` is raised) or "failed".
+SIGINT / SIGUSR2: checkpoint saved, then ``Interrupted`` is raised or, under submitit, the job
+requeued), "diverged" or "failed".
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import signal
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -51,16 +54,22 @@ class Start:
         return "new"
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def start_banner(plan: Plan, start: Start) -> str:
+    """What the run will do: the plan and how it starts (logged by a run, printed by a dry run)."""
+    return f"{plan.describe()}\n  {'start':<15} {start.describe()}"
+
+
+def _read_checkpoint(path: Path, auto: bool) -> dict[str, Any]:
+    """The checkpoint at ``path``: the run's own last.pt under ``resume=auto``, else ``resume=<path>``."""
+    setting, fix = ((f"resume=auto: {path}", "pass resume=null to start the run over") if auto else
+                    (f"resume={path}", "pass a run's checkpoints/last.pt, or resume=null to start over"))
     try:
         checkpoint = load_checkpoint(path)
-    except Exception as error:  # a pickle of something else, a truncated file, a text file
-        raise ConfigError(f"resume={path} is not a bkn checkpoint ({type(error).__name__}); pass a run's "
-                          f"checkpoints/last.pt, or resume=null to start over") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:  # another pickle, a cut or text file
+        raise ConfigError(f"{setting} is not a bkn checkpoint ({type(error).__name__}); {fix}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ConfigError(f"resume={path} is not a bkn checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); "
-                          f"pass a checkpoints/last.pt written by this version, or resume=null to start over")
+        raise ConfigError(f"{setting} is not a bkn checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); {fix}")
     return checkpoint
 
 
@@ -102,13 +111,13 @@ def decide_start(cfg: DictConfig, plan: Plan) -> Start:
             return Start("finished", step=previous["step"])
         if not last.exists():
             return Start("new")
-        checkpoint = _read_checkpoint(last)
+        checkpoint = _read_checkpoint(last, auto=True)
         return Start("resume", last, checkpoint, checkpoint["step"])
     # A checkpoint path continues that model with this config's length, schedule and data: only
     # the settings that shape the model must agree. Checkpoints record their settings; for older
     # ones, the config.yaml of the run they belong to (and, failing that, session's state check).
     source = Path(cfg.resume)
-    checkpoint = _read_checkpoint(source)
+    checkpoint = _read_checkpoint(source, auto=False)
     made_with = checkpoint.get("settings") or _saved_settings(source.parent.parent)
     difference = (first_difference(_model_shaping(made_with), _model_shaping(settings))
                   if made_with is not None else None)
@@ -162,26 +171,23 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
     }
 
 
-def run(cfg: DictConfig, plan: Plan) -> str:
-    """Train as planned; returns the final status ("finished"). Raises ``Interrupted`` after a
-    SIGTERM / SIGINT (checkpoint saved) and ``TrainingStopped`` when the run diverges (status
-    "diverged"); any other error marks the run "failed"."""
+def run(cfg: DictConfig, plan: Plan) -> None:
+    """Train as planned. Raises ``Interrupted`` after a SIGTERM / SIGINT / SIGUSR2 (checkpoint saved;
+    under submitit SIGUSR2 requeues the job instead) and ``TrainingStopped`` when the run diverges
+    (status "diverged"); any other error marks the run "failed"."""
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
     start = decide_start(cfg, plan)
     if start.kind == "finished":
         log.info("%s already finished (step %d); nothing to do. Pass resume=null to train it again.",
                  plan.run_dir, start.step)
-        return "finished"
+        return
     device = torch.device("cuda", plan.world.local_rank) if plan.device == "cuda" else torch.device("cpu")
     with process_group(plan.world, device, cfg.distributed.timeout_s) as collective, StopRequest() as stop:
         session = build_session(cfg, plan, collective, start.checkpoint)
         config = OmegaConf.to_container(cfg, resolve=True)
         record = RunRecord(plan.run_dir, writable=plan.world.is_main)
         record.start(config, resumed_step=session.step if start.checkpoint is not None else None)
-        logger = RunLogger(record, _wandb(cfg, session.plan, config), total_steps=session.plan.steps,
-                           start_step=session.step, enabled=plan.world.is_main)
-        log.info("%s\n  %-15s %s", session.plan.describe(), "start", start.describe())
         final: dict[str, EvalResult] = {}
 
         def on_eval(results: dict[str, EvalResult]) -> None:
@@ -189,8 +195,11 @@ def run(cfg: DictConfig, plan: Plan) -> str:
             record.write_summary(_summary(session, "running", final))
 
         status = "failed"
-        record.write_summary(_summary(session, "running", final))
-        try:
+        logger = RunLogger(record, _wandb(cfg, session.plan, config), total_steps=session.plan.steps,
+                           start_step=session.step, enabled=plan.world.is_main)
+        try:  # from here on the logger is closed whatever happens (its train.log handler is the bkn logger's)
+            log.info("%s", start_banner(session.plan, start))
+            record.write_summary(_summary(session, "running", final))
             status = train(session, logger, stop, checkpoint_path(plan.run_dir), on_eval)
         except TrainingStopped:
             status = "diverged"
@@ -206,6 +215,7 @@ def run(cfg: DictConfig, plan: Plan) -> str:
             logger.close(status)
     if status == "preempted":
         stop.pass_on()  # under submitit on SLURM: requeue the job, which resumes from this checkpoint
-    if stop.requested:  # also when it came during the final evaluation: a sweep stops here
+    # A stop that came during the final evaluation still stops a sweep, except submitit's time-limit
+    # warning (SIGUSR2): the job is done, there is nothing to requeue, and it must not exit as failed.
+    if stop.requested and not (status == "finished" and stop.signal_number == signal.SIGUSR2):
         raise Interrupted(stop.signal_number)
-    return status

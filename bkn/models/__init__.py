@@ -1,8 +1,8 @@
 """The paper's networks, built by name: ``build_model("resnet101", 1000, {"name": "bkn", ...}, 224)``.
 
-Every conv is followed by the chosen normalizer (BN, BRN or BKN) and the BKN estimate flows
+Every conv is followed by the chosen normalizer (BN, BRN, GN or BKN) and the BKN estimate flows
 through the forward pass explicitly; ``model(x)`` returns logits. ``build_model("timm", ...,
-arch="resnet18")`` builds a timm model with our BN or BRN instead of its BatchNorms
+arch="resnet18")`` builds a timm model with our BN, BRN or GN instead of its BatchNorms
 (:mod:`bkn.models.timm_models`).
 """
 

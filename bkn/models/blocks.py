@@ -2,7 +2,7 @@
 branches, weight initialization and the image-size check.
 
 Every block's forward takes and returns ``(x, state)``: ``state`` is the BKN estimate of the
-statistics of ``x`` (a :class:`~bkn.nn.KalmanState`), or ``None`` with BN / BRN, where it costs
+statistics of ``x`` (a :class:`~bkn.nn.KalmanState`), or ``None`` with BN / BRN / GN, where it costs
 nothing. Branches and residual sums combine states with :func:`bkn.nn.concat_states` and
 :func:`bkn.nn.add_states`.
 """
@@ -37,7 +37,7 @@ def build_transition(channels: int, in_channels: int, norm: NormSpec) -> KalmanN
     The authors' pre-activation branch ends in a conv whose output is summed with the shortcut
     before the next norm sees it; the sum's prior needs this conv's prediction. No affine
     parameters and no running statistics, so only the linear transition's ``A`` is learned.
-    ``None`` for BN / BRN.
+    ``None`` for BN / BRN / GN.
     """
     norm = norm_options(norm)
     if not getattr(NORMALIZERS.get(norm["name"]), "carries_state", False):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bkn.nn.norms import BatchNorm2d, BatchRenorm2d, GroupNorm2d, KalmanNorm2d, _GroupedNorm
+from bkn.nn.norms import GroupNorm2d, _GroupedNorm
 
 TORCH_BATCHNORM: dict[tuple[int, ...], type[nn.modules.batchnorm._BatchNorm]] = {
     (0, 1): nn.BatchNorm1d, (2,): nn.BatchNorm2d, (3,): nn.BatchNorm3d}
@@ -25,7 +25,7 @@ def _converts(module: nn.Module) -> bool:
     BKN layers built only to predict (no running statistics: the pre-activation ResNet's
     ``conv2_transition``) normalize nothing and stay; so do layers set to ``inference="batch"``.
     """
-    return (isinstance(module, (BatchNorm2d, BatchRenorm2d, KalmanNorm2d))  # their 1d / 3d variants too
+    return (isinstance(module, _GroupedNorm)  # BN, BRN, BKN and their 1d / 3d variants
             and module.track_running_stats and module.inference == "population")
 
 

@@ -352,7 +352,7 @@ class GroupNorm2d(nn.Module):
     Its statistics are per example (over channel groups and positions), so ``statistics_batch_size``
     is accepted and ignored, and training, option A and option B compute the same thing. The
     state_dict is ``torch.nn.GroupNorm``'s (``weight``, ``bias``). A layer whose channels
-    ``num_groups`` does not divide uses the largest divisor of its channels below ``num_groups``
+    ``num_groups`` does not divide uses the largest divisor of its channels up to ``num_groups``
     (16 channels with ``num_groups=32``: 16 groups; 48 channels: 24), so every model takes it.
     """
 
@@ -365,7 +365,6 @@ class GroupNorm2d(nn.Module):
             raise ValueError(f"GroupNorm2d needs num_groups >= 1, got {num_groups}")
         self.num_features = num_features
         self.statistics_batch_size = statistics_batch_size  # kept for the same interface; unused
-        self.requested_groups = num_groups
         self.num_groups = max(g for g in range(1, min(num_groups, num_features) + 1) if num_features % g == 0)
         self.eps, self.affine = eps, affine
         if affine:
@@ -398,8 +397,8 @@ def build_norm(name: str, num_features: int, in_features: int | None = None, **o
         raise ValueError(f"unknown normalizer {name!r}; choose one of {sorted(NORMALIZERS)} (normalizer=...)")
     cls = NORMALIZERS[name]
     own_classes = cls.__mro__[:cls.__mro__.index(nn.Module)]  # not nn.Module's or object's (*args, **kwargs)
-    accepted = {name for c in own_classes if "__init__" in vars(c)
-                for name, parameter in inspect.signature(c.__init__).parameters.items()
+    accepted = {option for c in own_classes if "__init__" in vars(c)
+                for option, parameter in inspect.signature(c.__init__).parameters.items()
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)} - {"self", "num_features"}
     unknown = sorted(set(options) - accepted)
     if unknown:
