@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, monkeypatc
     register_tiny_net(monkeypatch)
     train_in_process(tmp_path, run)  # the same command again continues to the end
     assert read_summary(run_dir)["status"] == "finished"
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGUSR2, 0), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_final_evaluation(signal_number: int, exit_code: int, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run is finished either way; SIGTERM still stops a sweep, submitit's time-limit warning
+    (SIGUSR2) does not turn a finished job into a failed one."""
+    register_tiny_net(monkeypatch)
+    original = loop.evaluate
+
+    def evaluate_then_signal(*args: Any, **kwargs: Any) -> EvalResult:
+        os.kill(os.getpid(), signal_number)  # caught by the run's StopRequest
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_signal)
+    assert run_train_main(monkeypatch, [*TINY, "eval.every=null", f"out_dir={tmp_path}"]) == exit_code
+    assert read_summary(the_run_dir(tmp_path))["status"] == "finished"
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path,

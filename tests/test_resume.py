@@ -3,6 +3,7 @@ ends with exactly the parameters of an uninterrupted run; resume refuses a chang
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from bkn.config import ConfigError
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
 from bkn.engine.records import read_metrics, read_summary
-from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner,
-                              train_in_process)
+from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner, run_train_main,
+                              the_run_dir, train_in_process)
 
 
 # 14 steps over epochs of 6 steps (48 examples, 8 per step), checkpoints every 3 steps. The
@@ -106,3 +107,21 @@ def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"notes.md is not a bkn checkpoint \(UnpicklingError\); pass a run's"):
         train_in_process(tmp_path / "bn", [*TINY, f"resume={tmp_path / 'notes.md'}"])
     assert not (tmp_path / "bn").exists()  # refused before anything was written
+
+
+def test_a_corrupt_last_checkpoint_under_resume_auto_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    register_tiny_net(monkeypatch)
+    run = [*TINY, f"out_dir={tmp_path}"]
+    assert run_train_main(monkeypatch, run) == 0
+    run_dir = the_run_dir(tmp_path)
+    log = (run_dir / "train.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "preempted"}))  # as if stopped
+    checkpoint_path(run_dir).write_bytes(b"cut short")
+    capsys.readouterr()
+    assert run_train_main(monkeypatch, run) == 2
+    assert capsys.readouterr().err.strip() == (f"error: resume=auto: {checkpoint_path(run_dir)} is not a bkn "
+                                               "checkpoint (UnpicklingError); pass resume=null to start the run over")
+    assert run_train_main(monkeypatch, [*run, "resume=null"]) == 0  # a fresh run starts a fresh train.log
+    assert (run_dir / "train.log").read_text().count(" - plan:") == log.count(" - plan:") == 1
