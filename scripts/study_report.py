@@ -174,6 +174,8 @@ def write_steps_to_baseline(runs: Sequence[Run], baseline: float, out_dir: Path)
              "| A: seeds reaching |", "|---|---|---|---|---|---|---|---|"]
     for (setting, variant), group in rows_of(runs).items():
         finished = [run for run in group if run.finished]
+        if not finished:  # still running: nothing to say yet
+            continue
         cells = []
         for inference in ("population", "batch"):
             if inference == "batch" and variant == "gn":
