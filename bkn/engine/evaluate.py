@@ -32,7 +32,9 @@ class EvalResult:
 
 
 def _uses_batch_statistics(model: nn.Module, inference: str) -> bool:
-    return inference == "batch" or any(isinstance(module, _GroupedNorm) and not module.track_running_stats
+    """Whether a test batch is normalized in statistics groups: option A, or a layer that says it
+    uses batch statistics in eval mode (one without running statistics). Call after ``model.eval()``."""
+    return inference == "batch" or any(isinstance(module, _GroupedNorm) and module._uses_batch_statistics()
                                        for module in model.modules())
 
 
