@@ -201,3 +201,16 @@ def test_initial_prior_fit_tells_input_from_output_states() -> None:
         passed_input, passed_output = rows[f"bkn-{transition}-state_input"], rows[f"bkn-{transition}"]
         assert passed_input["highest"] > 10 * passed_output["highest"]
         assert passed_input["far"] > passed_output["far"]
+
+
+def test_the_harder_digits_get_their_own_speed_table(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_study_run(runs, "study_hard", (64, 64), {"name": "bn"}, 0, top1=90.0, losses=[0.5] * 20,
+                    curve=[(5, 50.0), (10, 90.0)])
+    write_study_run(runs, "study_hard", (32, 1), {"name": "gn"}, 0, top1=88.0, losses=[0.5] * 20,
+                    curve=[(20, 80.0), (40, 86.0), (60, 88.0)])
+    report(runs, out)
+    assert not (out / "steps_to_baseline.md").exists()  # the main grid has no runs here
+    rows = [line.split("|") for line in (out / "steps_to_baseline_hard.md").read_text().splitlines()
+            if line.startswith("| (32, 1) | GN")]
+    assert rows[0][3].strip() == "40"  # 95% of its own baseline, 85.5%: first reached at step 40
