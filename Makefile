@@ -112,4 +112,4 @@ study: setup  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16
 # (configs/experiment/demo.yaml holds its settings, so its run names carry no override hash)
 demo: setup  ## BN vs BKN on the digits at (gradient 16, statistics 2) on a CPU, side by side (~3 min on 2 cores)
 	OMP_NUM_THREADS=1 $(PY) train.py -m experiment=demo resume=auto
-	$(PY) scripts/compare_runs.py runs/demo/cifar_net_bn_g16_s2_seed0 runs/demo/cifar_net_bkn-analytic_g16_s2_seed0
+	$(PY) scripts/compare_runs.py runs/demo/cifar_net_bn_g16_s2_seed0 runs/demo/cifar_net_bkn-linear_g16_s2_seed0

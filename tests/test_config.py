@@ -97,7 +97,7 @@ def test_run_name_gets_a_suffix_only_for_run_defining_overrides_it_does_not_show
 
     assert name(NAME_ONLY) == compose_config(NAME_ONLY).run_name  # the make targets' names, unchanged
     lr_01, lr_005 = name(["optim.lr=0.1"]), name(["optim.lr=0.05"])
-    assert lr_01.startswith("cifar_net_bkn-analytic_g16_s2_seed0_") and len({lr_01, lr_005}) == 2
+    assert lr_01.startswith("cifar_net_bkn-linear_g16_s2_seed0_") and len({lr_01, lr_005}) == 2
     assert name(["optim.lr=0.1"]) == lr_01  # stable: a rerun finds its folder
     assert name(["optim.lr=1e-1"]) == lr_01  # resolved values, not spellings
     assert len({name(["data=synthetic"]), name(["data=digits"]), name(["schedule=cosine"]),
@@ -192,7 +192,7 @@ def test_world_size_enters_the_divisibility_checks() -> None:
 def test_plan_is_a_plain_value() -> None:
     plan = validate(compose_config([]), environ={})
     assert isinstance(plan, Plan) and plan.world == World() and plan.device == "cpu"
-    assert plan.run_dir == Path("runs/default/cifar_net_bkn-analytic_g16_s2_seed0")
+    assert plan.run_dir == Path("runs/default/cifar_net_bkn-linear_g16_s2_seed0")
 
 
 TRAINING_LENGTHS = [

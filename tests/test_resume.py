@@ -94,7 +94,7 @@ def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.Monke
 def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)
-    bkn = checkpoint_path(train_in_process(tmp_path / "bkn", [*TINY, "train.steps=2"]))
+    bkn = checkpoint_path(train_in_process(tmp_path / "bkn", [*TINY, "normalizer=bkn_analytic", "train.steps=2"]))
     with pytest.raises(ConfigError, match=rf"resume={bkn}: that checkpoint was made with normalizer.name=bkn, this "
                                           r"config has normalizer.name=bn; resume it with the same settings"):
         train_in_process(tmp_path / "bn", [*TINY, "normalizer=bn", f"resume={bkn}"])

@@ -42,7 +42,7 @@ RUN = ["data=synthetic", "data.image_size=8", "data.train_size=64", "data.test_s
        "model.width=0.25", "batch.gradient=8", "batch.statistics=2", f"train.steps={STEPS}", "train.epochs=null",
        "train.log_every=10", "checkpoint.every=50"]
 # Run folder names start so; RUN's overrides add their hash (the same in every sweep here).
-RUN_NAME = {"bn": "cifar_net-w0.25_bn_g8_s2_seed0", "bkn": "cifar_net-w0.25_bkn-analytic_g8_s2_seed0"}
+RUN_NAME = {"bn": "cifar_net-w0.25_bn_g8_s2_seed0", "bkn": "cifar_net-w0.25_bkn-linear_g8_s2_seed0"}
 JOB_TIMEOUT_S = 450  # a busy machine slows the requeue cycles; idle, the slowest test takes under 2 minutes
 # The jobs start Python in the sweep's folder: PYTHONPATH makes them import this checkout's bkn.
 JOB_ENV = subprocess_env(PYTHONPATH=str(ROOT))

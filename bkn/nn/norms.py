@@ -189,9 +189,11 @@ class KalmanNorm2d(_GroupedNorm):
     returns ``(y, posterior)``; :meth:`predict` turns the previous layer's posterior into this
     layer's prior through the chosen ``transition``:
 
-    - ``"analytic"`` (default): closed-form moments of relu(Gaussian) pushed through the real conv.
+    - ``"linear"`` (default): the paper — learned ``A`` (``num_features x in_features``) and noise ``r``.
+    - ``"analytic"``: closed-form moments of relu(Gaussian) pushed through the real conv.
     - ``"monte_carlo"``: the authors' code — sample, relu, the real conv, moments.
-    - ``"linear"``: the paper — learned ``A`` (``num_features x in_features``) and noise ``r``.
+
+    The default is the one the CPU study (results/study/README.md) supports at one example per group.
 
     ``gain`` is ``q``, the weight of the observation (the authors' code weights the prior with
     ``p = 1 - q``: 0.9 for micro-batches, 0.05 for large ones); ``q = 1`` is exactly BN. With
@@ -213,7 +215,7 @@ class KalmanNorm2d(_GroupedNorm):
     carries_state = True
 
     def __init__(self, num_features: int, statistics_batch_size: int | None = None, *,
-                 in_features: int | None = None, transition: Transition = "analytic", gain: float = 0.1,
+                 in_features: int | None = None, transition: Transition = "linear", gain: float = 0.1,
                  learn_gain: bool = False, fallback: bool = True, fallback_ratio: float = 100.0,
                  monte_carlo_size: int = 8, state_from: StateFrom = "output", propagate: bool = True,
                  **kwargs: Any) -> None:
