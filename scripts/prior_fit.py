@@ -31,6 +31,7 @@ from fig8_statistics import build_trained_model  # noqa: E402
 from run_records import Run, load_local  # noqa: E402
 
 from bkn.data import build_datasets  # noqa: E402
+from bkn.engine.evaluate import whole_groups  # noqa: E402
 from bkn.functional import group_stats  # noqa: E402
 from bkn.models import build_model  # noqa: E402
 from bkn.nn import KalmanNorm2d, set_inference  # noqa: E402
@@ -65,10 +66,10 @@ def model_ratios(model: nn.Module, loader: Iterable, statistics_batch_size: int,
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the Monte-Carlo transition samples: the same numbers on every call
-            for index, (images, _) in enumerate(loader):
+            for index, (images, labels) in enumerate(loader):
                 if index == batches:
                     break
-                images = images[: len(images) - len(images) % statistics_batch_size]  # whole groups only
+                images, _ = whole_groups(images, labels, statistics_batch_size)
                 if len(images):
                     model(images.to(device))
     finally:

@@ -38,7 +38,8 @@ def _uses_batch_statistics(model: nn.Module, inference: str) -> bool:
                                        for module in model.modules())
 
 
-def _whole_groups(images: Tensor, labels: Tensor, statistics_batch_size: int) -> tuple[Tensor, Tensor]:
+def whole_groups(images: Tensor, labels: Tensor, statistics_batch_size: int) -> tuple[Tensor, Tensor]:
+    """The batch without its last, incomplete statistics group (batch statistics need whole groups)."""
     keep = len(labels) - len(labels) % statistics_batch_size
     return images[:keep], labels[:keep]
 
@@ -61,7 +62,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, infe
     try:
         for images, labels in batches:
             if trim:
-                images, labels = _whole_groups(images, labels, statistics_batch_size)
+                images, labels = whole_groups(images, labels, statistics_batch_size)
             if len(labels) == 0:
                 continue
             labels = labels.to(device, non_blocking=True)
