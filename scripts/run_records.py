@@ -43,6 +43,16 @@ class Run:
         return self.status == "finished"
 
     @property
+    def learned(self) -> bool:
+        """False for a finished run whose record says it did not learn (train.py's learning verdict)."""
+        return self.summary.get("learned") is not False
+
+    @property
+    def verdict(self) -> str:
+        """The status as tables show it: "finished, did not learn" where the record says so."""
+        return self.status if self.learned else f"{self.status}, did not learn"
+
+    @property
     def setting(self) -> tuple[int, int]:
         """The paper's ``(gradient-batch-size, statistics-batch-size)``."""
         return int(self.summary["gradient_batch_size"]), int(self.summary["statistics_batch_size"])

@@ -123,7 +123,7 @@ def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> 
              "statistics, option A, on whole groups only (320 of the 360 at 64 a group; GN has per-example statistics, "
              "so its A is its B). Final training loss: "
              f"mean of the last 10% of logged steps; loss flat: the runs whose last 10% lie at most "
-             f"{FLAT_TOLERANCE:.0%} (or {FLAT_ABSOLUTE:g}) below the 10% before. Not finished: runs with another status (diverged, failed, ...).",
+             f"{FLAT_TOLERANCE:.0%} (or {FLAT_ABSOLUTE:g}) below the 10% before. Not finished: runs with another status (diverged, failed, ...) or that did not learn.",
              "", header, "|---|---|---|---|---|---|---|---|"]
     records = []
     for (setting, variant), group in rows_of(runs).items():
@@ -132,13 +132,13 @@ def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> 
         batch = [v for run in finished if (v := run.final("batch")) is not None]
         losses = [v for run in finished if (v := final_loss(run)) is not None]
         flat = [run for run in finished if loss_is_flat(run)]
-        others = sorted(f"{run.name}: {run.status}" for run in group if not run.finished)
+        others = sorted(f"{run.name}: {run.verdict}" for run in group if not (run.finished and run.learned))
         batch_text = "= B" if variant == "gn" else mean_std(batch, 1)
         lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | {len(finished)} | {mean_std(population, 1)} "
                      f"| {batch_text} | {mean_std(losses, 3)} | {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
         for run in group:
             records.append({"experiment": experiment, "setting": f"({setting[0]}, {setting[1]})", "normalizer": variant,
-                            "seed": run.summary.get("seed"), "status": run.status,
+                            "seed": run.summary.get("seed"), "status": run.verdict,
                             "top1_population": run.final("population"), "top1_batch": run.final("batch"),
                             "final_training_loss": final_loss(run), "loss_flat": loss_is_flat(run),
                             "steps": run.summary.get("steps"), "wall_time_s": run.summary.get("wall_time_s")})
