@@ -71,7 +71,8 @@ class Run:
     @property
     def variant(self) -> str:
         """The normalizer as the study names it: ``bn``, ``gn``, ``bkn-analytic``, with BKN's
-        non-default options appended (``bkn-linear-no_propagation``, ``-learned_gain``, ``-state_input``)."""
+        non-default options appended (``bkn-linear-no_propagation``, ``-learned_gain``, ``-state_input``,
+        ``-no_gain_warmup``)."""
         normalizer = self.config.get("normalizer") or {}
         name = str(self.summary.get("normalizer") or normalizer.get("name"))
         if name != "bkn":
@@ -83,6 +84,8 @@ class Run:
             label += "-learned_gain"
         if normalizer.get("state_from") == "input":
             label += "-state_input"
+        if normalizer.get("gain_warmup") == 0:
+            label += "-no_gain_warmup"
         return label
 
     def train_losses(self) -> list[tuple[int, float]]:
