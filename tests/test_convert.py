@@ -2,11 +2,13 @@
 parameters and running statistics; with BKN, the per-forward context passes each layer's estimate
 to the next one the forward runs, exactly as a hand-threaded forward does, reset every forward,
 under autocast, torch.compile and DDP, refused under activation checkpointing. torchvision and
-timm models with BKN: a training step, eval on one example, the state_dict round trip."""
+timm models with BKN: a training step, eval on one example, the state_dict round trip, and a
+torchvision model with BKN trained and evaluated by train.py's engine."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -17,8 +19,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bkn.nn as N
+from bkn.engine.records import read_summary
 from bkn.models import build_model
 from bkn.models.torchvision_models import torchvision_model
+from training_helpers import TINY, train_in_process
 
 BKN = {"name": "bkn", "statistics_batch_size": 2, "gain": 0.3}
 
@@ -238,3 +242,14 @@ def test_timm_mobilenet_with_bkn() -> None:
     assert reference.state_dict().keys() <= model.state_dict().keys()
     assert isinstance(model.bn1.act, nn.Module) and model.bn1._forward_hooks  # timm's activation kept
     check_library_model(model, build, images(4, 32))
+
+
+def test_train_py_trains_and_evaluates_a_torchvision_model_with_bkn(tmp_path: Path) -> None:
+    overrides = [*TINY, "model=torchvision", "model.arch=resnet18", "normalizer=bkn", "train.steps=2"]
+    overrides.remove("model.name=tiny_net")
+    overrides.remove("~model.width")
+    run_dir = train_in_process(tmp_path, overrides)
+    assert run_dir.name.startswith("torchvision-resnet18_bkn-linear_g8_s2_seed0")
+    summary = read_summary(run_dir)
+    assert (summary["status"], summary["step"], summary["normalizer"]) == ("finished", 2, "bkn")
+    assert set(summary["final"]) == {"population", "batch"}  # both inference options evaluated
