@@ -242,6 +242,9 @@ def test_timm_mobilenet_with_bkn() -> None:
     assert reference.state_dict().keys() <= model.state_dict().keys()
     assert isinstance(model.bn1.act, nn.Module) and model.bn1._forward_hooks  # timm's activation kept
     check_library_model(model, build, images(4, 32))
+    with torch.no_grad():  # and back to torch's BatchNorm for deployment, the activation still applied
+        expected = model(images(2, 32))
+        torch.testing.assert_close(N.to_torch_batchnorm(model)(images(2, 32)), expected, rtol=0, atol=0)
 
 
 def test_train_py_trains_and_evaluates_a_torchvision_model_with_bkn(tmp_path: Path) -> None:
