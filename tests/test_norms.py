@@ -384,9 +384,9 @@ def test_adversarial_inputs_stay_finite(name):
 def test_bad_input_raises_one_clear_error():
     layer = N.KalmanNorm2d(4, statistics_batch_size=2)
     with pytest.raises(ValueError, match="statistics_batch_size=2 does not divide the device batch of 3"):
-        layer(torch.randn(3, 4, 2, 2))
+        layer(torch.randn(3, 4, 2, 2), None)
     with pytest.raises(ValueError, match=r"built for 4 channels \(num_features\) but got input with 5"):
-        layer(torch.randn(2, 5, 2, 2))
+        layer(torch.randn(2, 5, 2, 2), None)
     with pytest.raises(ValueError, match=r"prior of shape \(1, 4\).*\(groups, channels\) = \(2, 4\)"):
         layer(torch.randn(4, 4, 2, 2), N.KalmanState(torch.zeros(1, 4), torch.ones(1, 4)))
     with pytest.raises(ValueError, match="expects \\[4\\]-D input"):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bkn import functional as BF
+from bkn.nn.context import ALONE, Alone, forward_in_context
 from bkn.nn.state import KalmanState, State
 
 Inference = Literal["population", "batch"]
@@ -310,7 +311,9 @@ class KalmanNorm2d(_GroupedNorm):
                 mean, var = BF.monte_carlo_transition(previous.mean, previous.var, conv, self.monte_carlo_size)
         return KalmanState(mean, var)
 
-    def forward(self, x: Tensor, prior: State = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, prior: State | Alone = ALONE) -> tuple[Tensor, State] | Tensor:
+        if prior is ALONE:  # layer(x), in a converted model: the prior comes from its context; returns y alone
+            return forward_in_context(self, x)
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x), None
