@@ -164,7 +164,9 @@ def _our_layer(source: nn.Module, options: dict[str, Any], in_features: int | No
         if source.running_mean is not None and getattr(layer, "track_running_stats", False):
             layer.running_mean.copy_(source.running_mean)
             layer.running_var.copy_(source.running_var)
-            if source.num_batches_tracked is not None:
+            # A new BKN layer keeps its count at 0, so its gain warm-up runs: its prior is new even
+            # when the network is trained.
+            if source.num_batches_tracked is not None and not isinstance(layer, KalmanNorm2d):
                 layer.num_batches_tracked.copy_(source.num_batches_tracked)
     if isinstance(getattr(source, "act", None), nn.Module) and isinstance(getattr(source, "drop", None), nn.Module):
         layer.drop, layer.act = source.drop, source.act  # same names: the same state_dict keys
