@@ -263,6 +263,8 @@ def test_fig8_gaps_match_an_independent_variance_of_the_hooked_layer(tmp_path: P
     for name, buffer in model.named_buffers():
         if name.endswith("running_var"):
             buffer.copy_(torch.rand_like(buffer) + 0.5)
+        if name.endswith("num_batches_tracked"):  # as trained: past BKN's gain warm-up
+            buffer.fill_(1000)
     (directory / "checkpoints").mkdir()
     torch.save({"model": model.state_dict()}, directory / "checkpoints" / "last.pt")
     (run,) = load_local(tmp_path, ["fig8"])
