@@ -91,8 +91,8 @@ def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_checkpoint(checkpoint_path(continued))["step"] == 8
 
 
-def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     register_tiny_net(monkeypatch)
     bkn = checkpoint_path(train_in_process(tmp_path / "bkn", [*TINY, "normalizer=bkn_analytic", "train.steps=2"]))
     with pytest.raises(ConfigError, match=rf"resume={bkn}: that checkpoint was made with normalizer.name=bkn, this "
@@ -106,6 +106,10 @@ def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Pat
     (tmp_path / "notes.md").write_text("# not a checkpoint\n")
     with pytest.raises(ConfigError, match=r"notes.md is not a bkn checkpoint \(UnpicklingError\); pass a run's"):
         train_in_process(tmp_path / "bn", [*TINY, f"resume={tmp_path / 'notes.md'}"])
+    (tmp_path / "x.pt").write_text("hello world\n")  # torch.load fails on this one with KeyError: 101
+    assert run_train_main(monkeypatch, [*TINY, f"out_dir={tmp_path / 'bn'}", f"resume={tmp_path / 'x.pt'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: resume={tmp_path / 'x.pt'} is not a bkn checkpoint (KeyError); "
+                                               "pass a run's checkpoints/last.pt, or resume=null to start over")
     assert not (tmp_path / "bn").exists()  # refused before anything was written
 
 
