@@ -4,6 +4,8 @@ ends with exactly the parameters of an uninterrupted run; resume refuses a chang
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from bkn.config import ConfigError
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
+from bkn.engine.lock import LOCK_NAME
 from bkn.engine.records import read_metrics, read_summary
 from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner, run_train_main,
                               the_run_dir, train_in_process)
@@ -32,9 +35,12 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path: Path, monkeypatch:
     run_dir = tmp_path / "killed" / reference.relative_to(tmp_path / "reference")
     assert load_checkpoint(checkpoint_path(run_dir))["step"] == 6
     assert read_summary(run_dir)["status"] == "running"
+    stale = json.loads((run_dir / LOCK_NAME).read_text())  # the killed process's lock record stays behind
+    assert stale["host"] == socket.gethostname() and stale["pid"] != os.getpid()
 
-    resumed = run_fault_runner(tmp_path, [*RUN, out_dir])  # resume=auto is the default
+    resumed = run_fault_runner(tmp_path, [*RUN, out_dir])  # resume=auto is the default; the stale lock does not block
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run_dir / LOCK_NAME).exists()  # released when the run ended
     assert "resumes from" in resumed.stdout + resumed.stderr  # the start banner
 
     expected, actual = final_state(reference), final_state(run_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -25,6 +26,7 @@ from bkn.config import ConfigError, Plan, first_difference, is_under, run_settin
 from bkn.engine.checkpoint import Interrupted, StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
+from bkn.engine.lock import hold_run_dir
 from bkn.engine.logging import RunLogger, WandbLogger
 from bkn.engine.loop import TrainingStopped, train
 from bkn.engine.records import RunRecord, read_summary
@@ -176,6 +178,13 @@ def run(cfg: DictConfig, plan: Plan) -> None:
     (status "diverged"); any other error marks the run "failed"."""
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
+    # The main rank holds the run directory from before anything is read or written there until
+    # the run ends: a second process on the same run (two terminals, a duplicated job) is refused.
+    with hold_run_dir(plan.run_dir) if plan.world.is_main else nullcontext():
+        _run_held(cfg, plan)
+
+
+def _run_held(cfg: DictConfig, plan: Plan) -> None:
     start = decide_start(cfg, plan)
     if start.kind == "finished":
         log.info("%s already finished (step %d); nothing to do. Pass resume=null to train it again.",
