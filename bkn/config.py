@@ -79,7 +79,8 @@ BUILT_GROUPS = ("model", "normalizer", "data")
 # command-line override of one that the run name does not show gives the run its own folder.
 RUN_DEFINING_KEYS = ("model", "normalizer", "data", "batch", "train.steps", "train.epochs", "optim", "schedule",
                      "seed", "amp")
-NOT_RUN_DEFINING_KEYS = ("data.root", "data.download", "data.num_workers")  # where the data is, how it is read
+# How the data is read. Which data (data.name, data.root, its size, subset and options) defines the run.
+NOT_RUN_DEFINING_KEYS = ("data.download", "data.num_workers")
 # What config.yaml's run_name shows: overriding these needs no suffix.
 NAME_KEYS = ("model", "model.name", "model.width", "model.arch", "normalizer", "normalizer.name",
              "normalizer.transition", "batch.gradient", "batch.statistics", "seed")

@@ -85,8 +85,14 @@ def test_other_settings_get_their_own_folder(tmp_path: Path, monkeypatch: pytest
     register_tiny_net(monkeypatch)
     first = train_in_process(tmp_path, [*TINY, "train.steps=2"])
     second = train_in_process(tmp_path, [*TINY, "train.steps=2", "optim.lr=0.2"])
-    assert first != second and first.parent == second.parent
+    other_data = train_in_process(tmp_path, [*TINY, "train.steps=2", "data.root=elsewhere"])  # unread by synthetic
+    assert len({first, second, other_data}) == 3 and first.parent == second.parent == other_data.parent
     assert read_summary(first)["status"] == read_summary(second)["status"] == "finished"
+    assert read_summary(other_data)["data_root"] == "elsewhere"
+    mine = [*TINY, "train.steps=2", "run_name=mine"]  # one folder whatever the settings: the data is compared
+    train_in_process(tmp_path, mine)
+    with pytest.raises(ConfigError, match=r"finished run made with data.root=None, this config has data.root=other"):
+        train_in_process(tmp_path, [*mine, "data.root=other"])
 
 
 def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

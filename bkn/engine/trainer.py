@@ -156,6 +156,7 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
         "world_size": plan.world.size,
         "accumulation": plan.accumulation,
         "data": cfg.data.name,
+        "data_root": cfg.data.root,
         "image_size": plan.image_size,
         "seed": cfg.seed,
         "steps": plan.steps,
