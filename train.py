@@ -75,7 +75,8 @@ def main(cfg: DictConfig) -> None:
         plan = validate(cfg)
         if dry_run:  # what the real run would check and do, without doing it
             start = decide_start(cfg, plan)
-            plan = plan.with_train_set(len(load_datasets(cfg, plan).train))
+            datasets = load_datasets(cfg, plan)
+            plan = plan.with_train_set(len(datasets.train), datasets.num_classes)
             print(start_banner(plan, start))
             return
         run(cfg, plan)
