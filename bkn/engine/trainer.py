@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bkn.config import ConfigError, Plan, first_difference, is_under, run_settings
+from bkn.config import ConfigError, Plan, first_difference, is_under, normalizer_label, run_settings
 from bkn.engine.checkpoint import Interrupted, StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
@@ -132,13 +132,17 @@ def _wandb(cfg: DictConfig, plan: Plan, config: dict[str, Any]) -> WandbLogger |
     settings = cfg.logger.wandb
     if not (settings.enabled and plan.world.is_main):
         return None
+    # One group per experiment, so a dashboard puts all of a sweep's settings and normalizers side by
+    # side; the job type is the normalizer (BKN with its transition), and the setting, normalizer and
+    # data are config keys and tags to group, filter or colour by.
     setting = f"g{plan.gradient_batch_size}_s{plan.statistics_batch_size}"
-    tags = [cfg.model.name, cfg.normalizer.name, setting, cfg.data.name, *settings.tags]
-    if cfg.normalizer.get("transition"):
-        tags.append(f"transition={cfg.normalizer.transition}")
-    group = settings.group or f"{cfg.experiment_name}/{cfg.model.name}/{setting}"
-    return WandbLogger(OmegaConf.to_container(settings), run_dir=plan.run_dir, name=cfg.run_name, group=group,
-                       tags=tags, config=config)
+    normalizer = normalizer_label(cfg.normalizer)
+    tags = [cfg.model.name, normalizer, setting, cfg.data.name, *settings.tags]
+    comparison = {"setting": setting, "normalizer_label": normalizer,
+                  "data_label": cfg.data.name if cfg.data.root is None else f"{cfg.data.name} ({cfg.data.root})"}
+    return WandbLogger(OmegaConf.to_container(settings), run_dir=plan.run_dir, name=cfg.run_name,
+                       group=settings.group or cfg.experiment_name, job_type=settings.job_type or normalizer,
+                       tags=tags, config={**config, **comparison})
 
 
 def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dict[str, Any]:
