@@ -111,3 +111,30 @@ def test_without_locks_another_hosts_record_is_refused_saying_it_cannot_be_check
     monkeypatch.setenv("SLURM_JOB_ID", "1001")  # the same job, requeued: its earlier attempt has ended
     with hold_run_dir(tmp_path / "run"):
         assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["slurm_job"] == "1001"
+
+
+def test_a_requeued_slurm_job_waits_for_its_earlier_attempts_lock(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on NFS, where a dead host's lock is freed only when its lease runs out."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = ("import fcntl, json, os, sys, time\n"
+              f"file = open({str(run_dir / LOCK_NAME)!r}, 'w')\n"
+              "fcntl.flock(file, fcntl.LOCK_EX)\n"
+              "file.write(json.dumps({'host': 'node17', 'pid': 4242, 'since': 'then', 'slurm_job': '1001'}))\n"
+              "file.flush()\n"
+              "print('held', flush=True)\n"
+              "time.sleep(2)\n")
+    earlier = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert earlier.stdout.readline() == "held\n"
+        monkeypatch.setenv("SLURM_JOB_ID", "1002")  # another job: refused at once
+        with pytest.raises(RunInUse, match=r"in use by pid 4242 on host node17, SLURM job 1001 since then"):
+            with hold_run_dir(run_dir):
+                pass
+        monkeypatch.setenv("SLURM_JOB_ID", "1001")  # the same job, requeued: waits for the lock
+        with hold_run_dir(run_dir):
+            assert earlier.poll() is not None
+    finally:
+        earlier.kill()
+        earlier.wait()

@@ -6,7 +6,8 @@ requeued after its process ended takes it at once. On NFS, Linux turns ``flock``
 POSIX locks, so it holds between hosts; Lustre needs the ``flock`` mount option for that.
 
 The file also records its holder (host, pid, start time, SLURM job): for the message that refuses a
-second process, and as the lock itself on a file system that refuses locks. There a record of a
+second process, for a requeued SLURM job that finds its earlier attempt's lock not yet freed by NFS
+(it waits for it), and as the lock itself on a file system that refuses locks. There a record of a
 live process on this host holds the run, one of a process that is gone (or of an earlier attempt
 of this SLURM job) does not, and one from another host is refused with a message that says it
 cannot be checked from here. The file is removed when the run ends.
@@ -25,6 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+# A requeued SLURM job may start on another host before NFS frees the lock of its earlier attempt's
+# dead host (NFSv4 does when that client's lease runs out, 90 s by default): it waits that long.
+EARLIER_ATTEMPT_WAIT_S = 180.0
 
 
 class RunInUse(Exception):
@@ -51,10 +55,15 @@ def _describe(holder: dict[str, object] | None) -> str:
     return f"pid {holder['pid']} on host {holder['host']}{job} since {holder['since']}"
 
 
+def _earlier_attempt_of_this_job(holder: dict[str, object] | None) -> bool:
+    """SLURM starts a requeued job only after its earlier attempt ended: such a holder is gone."""
+    return bool(holder and holder.get("slurm_job") and holder["slurm_job"] == os.environ.get("SLURM_JOB_ID"))
+
+
 def _may_still_run(holder: dict[str, object]) -> bool:
     """Whether the recorded holder may still run (used where the file system has no locks)."""
-    if holder.get("slurm_job") and holder["slurm_job"] == os.environ.get("SLURM_JOB_ID"):
-        return False  # an earlier attempt of this job: SLURM starts a requeued job after it ended
+    if _earlier_attempt_of_this_job(holder):
+        return False
     if holder.get("host") != socket.gethostname():
         return True  # cannot be checked from here
     try:
@@ -68,13 +77,18 @@ def _may_still_run(holder: dict[str, object]) -> bool:
 
 def _acquire(lock_path: Path) -> int:
     """A descriptor of ``lock_path`` holding its lock; raises RunInUse if another process holds it."""
+    deadline = time.monotonic() + EARLIER_ATTEMPT_WAIT_S
     while True:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(descriptor)
-            raise RunInUse(f"{lock_path.parent} is in use by {_describe(_read_holder(lock_path))}; one process "
+            holder = _read_holder(lock_path)
+            if _earlier_attempt_of_this_job(holder) and time.monotonic() < deadline:
+                time.sleep(1.0)  # its lock is about to be freed
+                continue
+            raise RunInUse(f"{lock_path.parent} is in use by {_describe(holder)}; one process "
                            f"writes a run: wait until that one ends (or stop it), then run the same command "
                            f"again") from None
         except OSError as error:
