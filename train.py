@@ -6,9 +6,10 @@ runs it. The same command runs under ``torchrun`` (one process per device) and o
 (``-m hydra/launcher=slurm``). Every key is explained in docs/training.md.
 
 Exit codes: 0 finished or already finished; 1 diverged (non-finite steps, parameters or final
-evaluation) or crashed; 2 a bad setting, bad data or a run that another process holds, with a one-line message (printed once, by
-rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM / SIGUSR2, with a checkpoint (a sweep
-stops there; under submitit on SLURM, SIGUSR2 requeues the job instead).
+evaluation) or crashed; 2 a bad setting, bad data or a run that another process holds, with a
+one-line message (printed once, by rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM /
+SIGUSR2, with a checkpoint (a sweep stops there; under submitit on SLURM, SIGUSR2 requeues the job
+instead).
 """
 
 from __future__ import annotations
