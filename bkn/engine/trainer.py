@@ -4,7 +4,8 @@ Holds the run directory against other processes (``bkn.engine.lock``), decides h
 (``decide_start``, which the dry run prints too: ``resume=auto`` continues
 ``<run dir>/checkpoints/last.pt`` made with the same settings and does nothing for a finished run;
 ``resume=null`` never overwrites a finished run of other settings; a checkpoint path must fit the
-model), joins the process group, builds the session, logs the plan, trains, and keeps ``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
+model), joins the process group, builds the session, logs the plan, trains, and keeps
+``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
 SIGINT / SIGUSR2: checkpoint saved, then ``Interrupted`` is raised or, under submitit, the job
 requeued), "diverged" or "failed".
 """
