@@ -56,7 +56,7 @@ def test_a_resumed_offline_run_is_one_w_and_b_run_to_sync(tmp_path: Path, monkey
     run_dir = the_run_dir(tmp_path)
     assert read_summary(run_dir)["status"] == "finished"
     output = capfd.readouterr()
-    assert "will be ignored" not in output.out + output.err
+    assert "`resume` will be ignored" not in output.out + output.err
 
     folders = sorted((run_dir / "wandb").glob("offline-run-*"))  # in time order, as `wandb sync --append` takes them
     run_id = wandb_run_id(run_dir)
