@@ -124,7 +124,8 @@ def test_a_requeued_slurm_job_waits_for_its_earlier_attempts_lock(tmp_path: Path
               "file.write(json.dumps({'host': 'node17', 'pid': 4242, 'since': 'then', 'slurm_job': '1001'}))\n"
               "file.flush()\n"
               "print('held', flush=True)\n"
-              "time.sleep(2)\n")
+              "time.sleep(2)\n"
+              "print(time.time(), flush=True)\n")  # then exits, which frees the lock
     earlier = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
     try:
         assert earlier.stdout.readline() == "held\n"
@@ -134,7 +135,8 @@ def test_a_requeued_slurm_job_waits_for_its_earlier_attempts_lock(tmp_path: Path
                 pass
         monkeypatch.setenv("SLURM_JOB_ID", "1001")  # the same job, requeued: waits for the lock
         with hold_run_dir(run_dir):
-            assert earlier.poll() is not None
+            acquired = time.time()
+        assert acquired >= float(earlier.stdout.readline())  # after the earlier attempt ended: it waited
     finally:
         earlier.kill()
         earlier.wait()
