@@ -6,9 +6,10 @@ runs it. The same command runs under ``torchrun`` (one process per device) and o
 (``-m hydra/launcher=slurm``). Every key is explained in docs/training.md.
 
 Exit codes: 0 finished or already finished; 1 diverged (non-finite steps, parameters or final
-evaluation) or crashed; 2 a bad setting or bad data, with a one-line message (printed once, by
-rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM / SIGUSR2, with a checkpoint (a sweep
-stops there; under submitit on SLURM, SIGUSR2 requeues the job instead).
+evaluation) or crashed; 2 a bad setting, bad data or a run that another process holds, with a
+one-line message (printed once, by rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM /
+SIGUSR2, with a checkpoint (a sweep stops there; under submitit on SLURM, SIGUSR2 requeues the job
+instead).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bkn.config import ConfigError, defined_keys, detect_world, nearest_key, run
 from bkn.data import DataError  # noqa: E402
 from bkn.engine import TrainingStopped, run  # noqa: E402
 from bkn.engine.checkpoint import Interrupted  # noqa: E402
+from bkn.engine.lock import RunInUse  # noqa: E402
 from bkn.engine.session import load_datasets  # noqa: E402
 from bkn.engine.trainer import decide_start, start_banner  # noqa: E402
 
@@ -74,11 +76,12 @@ def main(cfg: DictConfig) -> None:
         plan = validate(cfg)
         if dry_run:  # what the real run would check and do, without doing it
             start = decide_start(cfg, plan)
-            plan = plan.with_train_set(len(load_datasets(cfg, plan).train))
+            datasets = load_datasets(cfg, plan)
+            plan = plan.with_train_set(len(datasets.train), datasets.num_classes)
             print(start_banner(plan, start))
             return
         run(cfg, plan)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, RunInUse) as error:
         if dry_run and hydra_cfg.mode == RunMode.MULTIRUN:
             refusals.append(one_line(error))
             print(f"error: {one_line(error)}", file=sys.stderr)

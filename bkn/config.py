@@ -67,7 +67,7 @@ def detect_world(environ: Mapping[str, str] = os.environ) -> World:
 
 
 INFERENCE_OPTIONS = ("population", "batch")
-DATA_ON_DISK = ("cifar10", "cifar100", "imagenet")  # the others are bundled or generated
+DATA_ON_DISK = ("cifar10", "cifar100", "imagenet", "folder")  # the others are bundled or generated
 
 
 # The folder that train.py composes (the repository's configs/, next to the bkn package).
@@ -79,7 +79,8 @@ BUILT_GROUPS = ("model", "normalizer", "data")
 # command-line override of one that the run name does not show gives the run its own folder.
 RUN_DEFINING_KEYS = ("model", "normalizer", "data", "batch", "train.steps", "train.epochs", "optim", "schedule",
                      "seed", "amp")
-NOT_RUN_DEFINING_KEYS = ("data.root", "data.download", "data.num_workers")  # where the data is, how it is read
+# How the data is read. Which data (data.name, data.root, its size, subset and options) defines the run.
+NOT_RUN_DEFINING_KEYS = ("data.download", "data.num_workers")
 # What config.yaml's run_name shows: overriding these needs no suffix.
 NAME_KEYS = ("model", "model.name", "model.width", "model.arch", "normalizer", "normalizer.name",
              "normalizer.transition", "batch.gradient", "batch.statistics", "seed")
@@ -225,6 +226,7 @@ class Plan:
     train_examples: int | None = None
     steps_per_epoch: int | None = None
     steps: int | None = None
+    num_classes: int | None = None
 
     @property
     def groups_per_device(self) -> int:
@@ -235,13 +237,14 @@ class Plan:
         """Passes over the training set (known once it is loaded)."""
         return None if self.steps is None else self.steps / self.steps_per_epoch
 
-    def with_train_set(self, train_examples: int) -> Plan:
+    def with_train_set(self, train_examples: int, num_classes: int | None = None) -> Plan:
         steps_per_epoch = train_examples // self.gradient_batch_size
         if steps_per_epoch == 0:
             raise ConfigError(f"the training set has {train_examples} examples, fewer than one gradient batch of "
                               f"batch.gradient={self.gradient_batch_size}; lower batch.gradient")
         steps = self.train_steps if self.train_steps is not None else self.train_epochs * steps_per_epoch
-        return replace(self, train_examples=train_examples, steps_per_epoch=steps_per_epoch, steps=steps)
+        return replace(self, train_examples=train_examples, steps_per_epoch=steps_per_epoch, steps=steps,
+                       num_classes=num_classes)
 
     def describe(self) -> str:
         """The plan as the dry run prints it."""
@@ -260,7 +263,8 @@ class Plan:
             ("statistics", f"groups of {self.statistics_batch_size} examples, "
                            f"{self.groups_per_device} per device batch"),
             ("evaluation", f"batches of {self.eval_batch_size}"),
-            ("images", f"{self.image_size} x {self.image_size}"),
+            ("images", f"{self.image_size} x {self.image_size}"
+                       + (f", {self.num_classes} classes" if self.num_classes is not None else "")),
             ("length", length),
             ("precision", f"{self.amp or 'fp32'}, channels_last {'on' if self.channels_last else 'off'}"),
         ]
@@ -438,8 +442,10 @@ def _data(cfg: DictConfig) -> None:
     name = _choice(cfg, "data.name", list(BUILDERS))
     _int(cfg, "data.num_workers", minimum=0)
     root = _get(cfg, "data.root")
+    if name == "folder" and root is None:
+        raise ConfigError("data=folder needs data.root=<the folder that holds your class folders> (docs/data.md)")
     if name in DATA_ON_DISK and not _bool(cfg, "data.download") and not Path(root or ".").is_dir():
-        download = "" if name == "imagenet" else " or pass data.download=true"  # ImageNet needs a login
+        download = "" if name in ("imagenet", "folder") else " or pass data.download=true"  # ImageNet needs a login
         raise ConfigError(f"data.root={root} does not exist; point data.root at the folder that holds {name} "
                           f"(docs/data.md says what goes inside){download}")
 

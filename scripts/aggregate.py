@@ -317,6 +317,12 @@ def _settings(runs: list[Run]) -> str:
     return ", ".join(f"({g}, {s})" for g, s in sorted({run.setting for run in runs})) or "—"
 
 
+def _data(runs_by_row: Mapping[str, list[Run]]) -> str:
+    """The data sets (with their folders) that the table's runs read."""
+    sources = sorted({run.data for runs in runs_by_row.values() for run in runs})
+    return ", ".join(f"`{source}`" for source in sources) or "no runs yet"
+
+
 SMOKE_WARNING = ("Scale **smoke**: the same code path shrunk to minutes on a CPU (small or synthetic data, "
                  "small images, few steps, small batches). Its numbers only show that the pipeline runs; "
                  "they are not the paper's experiment and must not be compared with the paper's numbers.")
@@ -362,7 +368,8 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
              "a run status (`running`, `failed`, `preempted`, `diverged`): no finished run; `k diverged`: "
              "seeds left out of the mean because their run diverged; `k did not learn`: finished seeds (in the "
              "mean) whose training loss did not fall or whose top-1 is at chance."
-             + (" Paper: the paper's own number (— where it gives none)." if with_paper else ""), "", *table, ""]
+             + (" Paper: the paper's own number (— where it gives none)." if with_paper else ""), "",
+             f"Data (ours): {_data(runs_by_row)}.", "", *table, ""]
     text += [f"- {note}" for note in layout.notes]
     text += ["", f"Regenerate: `{command}`"]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""Print runs side by side from their run records: experiment, data, learning rate, normalizer,
-setting, status, accuracy with both inference options, speed, and a column for every other
-setting that differs between the runs (read from their config.yaml).
+"""Print runs side by side from their run records: experiment, data (the data set and its folder),
+learning rate, normalizer, setting, status, accuracy with both inference options, speed, and a
+column for every other setting that differs between the runs (read from their config.yaml).
 
     python scripts/compare_runs.py runs/demo                 # every run of an experiment
     python scripts/compare_runs.py runs/demo/* runs/lrsweep  # run folders, experiment folders, globs
@@ -25,7 +25,7 @@ from bkn.config import is_under, run_settings  # noqa: E402
 COLUMNS = ("run", "experiment", "data", "lr", "normalizer", "setting (g, s)", "steps", "status",
            "top-1 population (B)", "top-1 batch (A)", "examples/s")
 # Run-defining settings (bkn.config.run_settings) that the fixed columns already show.
-SHOWN = ("data.name", "optim.lr", "normalizer.name", "normalizer.transition", "batch.gradient", "batch.statistics")
+SHOWN = ("data.name", "data.root", "optim.lr", "normalizer.name", "normalizer.transition", "batch.gradient", "batch.statistics")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -64,7 +64,7 @@ def row(run: Run, extra: list[str]) -> tuple[str, ...]:
     speed = summary["examples_per_s"]
     lr = (run.config.get("optim") or {}).get("lr")
     values = settings(run)
-    return (run.name, run.experiment, str(summary.get("data")), "-" if lr is None else f"{lr:g}", normalizer,
+    return (run.name, run.experiment, run.data, "-" if lr is None else f"{lr:g}", normalizer,
             f"({summary['gradient_batch_size']}, {summary['statistics_batch_size']})",
             f"{summary['step']}/{summary['steps']}", run.verdict, _accuracy(summary, "population"),
             _accuracy(summary, "batch"), "-" if speed is None else f"{speed:.0f}",

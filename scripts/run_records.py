@@ -88,6 +88,14 @@ class Run:
             label += "-no_gain_warmup"
         return label
 
+    @property
+    def data(self) -> str:
+        """The data set's name, with the folder it was read from (``folder (/data/pets)``) when it has one."""
+        data_config = self.config.get("data") or {}
+        name = self.summary.get("data") or data_config.get("name")
+        root = data_config.get("root")
+        return str(name) if root is None else f"{name} ({root})"
+
     def train_losses(self) -> list[tuple[int, float]]:
         """``(step, training loss)`` of every logged training line that has a finite loss."""
         return [(int(line["step"]), float(line["loss"])) for line in self.trains if line.get("loss") is not None]

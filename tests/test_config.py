@@ -87,7 +87,7 @@ def test_run_name_and_directories_come_from_the_settings() -> None:
 
 NAME_ONLY = ["normalizer=bn", "model=resnet18", "batch.gradient=64", "batch.statistics=8", "seed=3",
              "experiment=table1", "scale=smoke", "out_dir=elsewhere", "resume=null", "logger=wandb", "device=cpu",
-             "data.root=/somewhere", "data.num_workers=2", "checkpoint.every=5", "eval.every=7", "dry_run=true"]
+             "data.num_workers=2", "data.download=true", "checkpoint.every=5", "eval.every=7", "dry_run=true"]
 
 
 def test_run_name_gets_a_suffix_only_for_run_defining_overrides_it_does_not_show() -> None:
@@ -101,7 +101,8 @@ def test_run_name_gets_a_suffix_only_for_run_defining_overrides_it_does_not_show
     assert name(["optim.lr=1e-1"]) == lr_01  # resolved values, not spellings
     assert len({name(["data=synthetic"]), name(["data=digits"]), name(["schedule=cosine"]),
                 name(["train.steps=2", "train.epochs=null"]), name(["++optim.lr=0.2"]), name(["normalizer.gain=0.5"]),
-                name(["data=synthetic", "data.train_size=64"])}) == 7
+                name(["data=synthetic", "data.train_size=64"]), name(["data.root=/somewhere"]),
+                name(["data.root=/elsewhere"])}) == 9  # which data is read is part of the run
     assert name(["optim.lr=0.1", "run_name=mine"]) == "mine"  # given explicitly: used as given
     swept = ["experiment=fig8", "data=cifar10", "normalizer=bn"]  # a job of fig8's own sweep (data: cifar10)
     plain = compose_config(swept).run_name

@@ -243,6 +243,7 @@ def test_bad_data_stops_with_one_line_naming_the_file(tmp_path: Path, monkeypatc
     truncated.write_bytes(truncated.read_bytes()[:1000])
     assert run_train_main(monkeypatch, [*tiny_data, "data=cifar10", f"data.root={tmp_path / 'cifar'}"]) == 2
     assert capsys.readouterr().err.startswith(f"error: corrupt CIFAR file {truncated}")
+    assert not (tmp_path / "default").exists()  # found at start-up: no run folder is left
 
     written = write_image_folders(tmp_path / "imagenet")
     corrupt = written["train"][3][0]
@@ -269,3 +270,36 @@ def test_bkn_stays_finite_on_degenerate_activations(transition: str) -> None:
         logits.square().mean().backward()
         assert torch.isfinite(logits).all()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_an_image_found_corrupt_while_training_leaves_the_run_to_continue(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """README's fault table: the run stops with one line naming the file (exit 2, status failed) and
+    keeps its last checkpoint; with the file fixed, the same command continues from there."""
+    register_tiny_net(monkeypatch)
+    written = write_image_folders(tmp_path / "images", images_per_class=4)
+    originals = {path: path.read_bytes() for path, _, _ in written["train"]}
+    run = [*TINY_RUN, "data=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8", "data.num_workers=0",
+           "batch.gradient=2", "train.steps=8", "checkpoint.every=2", f"out_dir={tmp_path / 'runs'}"]
+    original_step = loop.optimizer_step
+
+    def corrupt_after_step_3(session: Any, *args: Any) -> Any:
+        if session.step == 3:  # step 4's batch is loaded: the next one finds the damage
+            for path, content in originals.items():
+                path.write_bytes(content[:300])
+        return original_step(session, *args)
+
+    monkeypatch.setattr(loop, "optimizer_step", corrupt_after_step_3)
+    assert run_train_main(monkeypatch, run) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: cannot read image {tmp_path / 'images' / 'train'}/")
+    run_dir = the_run_dir(tmp_path / "runs")
+    assert read_summary(run_dir)["status"] == "failed"
+    assert load_checkpoint(checkpoint_path(run_dir))["step"] == 4
+    for path, content in originals.items():  # fixed
+        path.write_bytes(content)
+    monkeypatch.setattr(loop, "optimizer_step", original_step)
+    assert run_train_main(monkeypatch, run) == 0
+    assert "resumes from" in capsys.readouterr().out + (run_dir / "train.log").read_text()
+    assert read_summary(run_dir)["status"] == "finished" and read_summary(run_dir)["step"] == 8

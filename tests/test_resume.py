@@ -4,6 +4,8 @@ ends with exactly the parameters of an uninterrupted run; resume refuses a chang
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from bkn.config import ConfigError
 from bkn.engine.checkpoint import checkpoint_path, load_checkpoint
+from bkn.engine.lock import LOCK_NAME
 from bkn.engine.records import read_metrics, read_summary
 from training_helpers import (TINY, final_state, register_tiny_net, run_fault_runner, run_train_main,
                               the_run_dir, train_in_process)
@@ -32,9 +35,12 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path: Path, monkeypatch:
     run_dir = tmp_path / "killed" / reference.relative_to(tmp_path / "reference")
     assert load_checkpoint(checkpoint_path(run_dir))["step"] == 6
     assert read_summary(run_dir)["status"] == "running"
+    stale = json.loads((run_dir / LOCK_NAME).read_text())  # the killed process's lock record stays behind
+    assert stale["host"] == socket.gethostname() and stale["pid"] != os.getpid()
 
-    resumed = run_fault_runner(tmp_path, [*RUN, out_dir])  # resume=auto is the default
+    resumed = run_fault_runner(tmp_path, [*RUN, out_dir])  # resume=auto is the default; the stale lock does not block
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run_dir / LOCK_NAME).exists()  # released when the run ended
     assert "resumes from" in resumed.stdout + resumed.stderr  # the start banner
 
     expected, actual = final_state(reference), final_state(run_dir)
@@ -79,8 +85,14 @@ def test_other_settings_get_their_own_folder(tmp_path: Path, monkeypatch: pytest
     register_tiny_net(monkeypatch)
     first = train_in_process(tmp_path, [*TINY, "train.steps=2"])
     second = train_in_process(tmp_path, [*TINY, "train.steps=2", "optim.lr=0.2"])
-    assert first != second and first.parent == second.parent
+    other_data = train_in_process(tmp_path, [*TINY, "train.steps=2", "data.root=elsewhere"])  # unread by synthetic
+    assert len({first, second, other_data}) == 3 and first.parent == second.parent == other_data.parent
     assert read_summary(first)["status"] == read_summary(second)["status"] == "finished"
+    assert read_summary(other_data)["data_root"] == "elsewhere"
+    mine = [*TINY, "train.steps=2", "run_name=mine"]  # one folder whatever the settings: the data is compared
+    train_in_process(tmp_path, mine)
+    with pytest.raises(ConfigError, match=r"finished run made with data.root=None, this config has data.root=other"):
+        train_in_process(tmp_path, [*mine, "data.root=other"])
 
 
 def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,8 +103,8 @@ def test_resume_from_a_checkpoint_path(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_checkpoint(checkpoint_path(continued))["step"] == 8
 
 
-def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     register_tiny_net(monkeypatch)
     bkn = checkpoint_path(train_in_process(tmp_path / "bkn", [*TINY, "normalizer=bkn_analytic", "train.steps=2"]))
     with pytest.raises(ConfigError, match=rf"resume={bkn}: that checkpoint was made with normalizer.name=bkn, this "
@@ -106,6 +118,11 @@ def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Pat
     (tmp_path / "notes.md").write_text("# not a checkpoint\n")
     with pytest.raises(ConfigError, match=r"notes.md is not a bkn checkpoint \(UnpicklingError\); pass a run's"):
         train_in_process(tmp_path / "bn", [*TINY, f"resume={tmp_path / 'notes.md'}"])
+    (tmp_path / "x.pt").write_text("hello world\n")  # torch.load fails on this one with KeyError: 101
+    assert run_train_main(monkeypatch, [*TINY, f"out_dir={tmp_path / 'bn'}", f"resume={tmp_path / 'x.pt'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: resume={tmp_path / 'x.pt'} is not a bkn checkpoint (KeyError); pass a run's "
+                      "checkpoints/last.pt, or resume=null to start over"]
     assert not (tmp_path / "bn").exists()  # refused before anything was written
 
 

@@ -4,7 +4,8 @@ subprocess, and a tiny two-block network for tests where the engine, not the mod
 ``TinyNet`` is registered as model ``tiny_net`` by ``register_tiny_net`` (in this process) or by
 ``FAULT_RUNNER`` (a train.py wrapper the subprocess tests run, which can also inject a fault:
 ``BKN_TEST_FAULT=kill@7`` SIGKILLs itself during optimizer step 7, ``term@7`` / ``int@7`` send
-itself SIGTERM / SIGINT, ``raise@7:1`` raises on rank 1).
+itself SIGTERM / SIGINT, ``raise@7:1`` raises on rank 1, ``wait@7`` writes a file ``paused`` in its
+working directory and waits there for a file ``go``).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def run_train_main(monkeypatch: Any, overrides: list[str]) -> int:
 
 
 FAULT_RUNNER = f'''
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import bkn.engine.loop as loop
@@ -119,6 +120,10 @@ if fault:
                 os.kill(os.getpid(), signal.SIGTERM)
             elif action == "int":  # Ctrl+C
                 os.kill(os.getpid(), signal.SIGINT)
+            elif action == "wait":  # say so in the file "paused", then wait for a file "go"
+                open("paused", "w").close()
+                while not os.path.exists("go"):
+                    time.sleep(0.05)
             else:
                 raise RuntimeError(f"injected failure at step {{step}} on rank {{session.plan.world.rank}}")
         return original_step(session, *args)

@@ -29,11 +29,12 @@ def load_rgb(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {error}; replace or delete the file") from None
 
 
-def _check_class_folders(split_dir: Path) -> list[str]:
+def check_class_folders(split_dir: Path) -> list[str]:
     """The sorted class folder names of one split; an empty class folder is an error naming it."""
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     if not classes:
-        raise DataError(f"no class folders in {split_dir}; expected {split_dir}/<class>/<image>.JPEG")
+        raise DataError(f"no class folders in {split_dir}; expected {split_dir}/<class>/<image> "
+                        f"(any of {', '.join(IMG_EXTENSIONS)})")
     for name in classes:
         with os.scandir(split_dir / name) as entries:
             if not any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries):
@@ -59,7 +60,7 @@ def build_imagenet(*, root: str, image_size: int | None, download: bool, augment
             f"ImageNet not found: looked for {', '.join(missing)}; put ImageNet's train/ and val/ class "
             f"folders (val/ sorted into class folders) under data.root={root}"
         )
-    train_classes, val_classes = (_check_class_folders(path) for path in split_dirs)
+    train_classes, val_classes = (check_class_folders(path) for path in split_dirs)
     if train_classes != val_classes:
         only = sorted(set(train_classes) ^ set(val_classes))
         raise DataError(

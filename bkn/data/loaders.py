@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Iterator
 
@@ -33,6 +34,11 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (what PyTorch's DataLoader warns about more workers than)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_loader(

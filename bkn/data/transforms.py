@@ -39,14 +39,15 @@ def tensor_transform(
     return v2.Compose(steps)
 
 
-def imagenet_transform(image_size: int, *, train: bool) -> v2.Compose:
+def imagenet_transform(image_size: int, *, train: bool, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """The standard ImageNet pipeline for a PIL image: random resized crop + flip for training,
-    resize to ``image_size * 256 / 224`` + center crop for validation; ImageNet mean/std."""
+    resize to ``image_size * 256 / 224`` + center crop for validation; ImageNet's mean/std unless given."""
     if train:
         geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
-    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose([v2.ToImage(), *geometry, *normalize])
 
 

@@ -23,11 +23,16 @@ from bkn.engine.records import RunRecord, redact
 log = logging.getLogger("bkn")
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B run id per run directory, the same for every attempt of the run."""
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
 class WandbLogger:
     """A W&B run that never raises: ``run`` is None when W&B is off or failed."""
 
-    def __init__(self, settings: dict[str, Any], *, run_dir: Path, name: str, group: str, tags: list[str],
-                 config: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], *, run_dir: Path, name: str, group: str, job_type: str,
+                 tags: list[str], config: dict[str, Any]) -> None:
         self.run: Any = None
         # wandb sends its own crash reports to sentry.io; that is not ours to send (nor to wait for offline).
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
@@ -35,9 +40,12 @@ class WandbLogger:
             import wandb
 
             self.run = wandb.init(
-                project=settings["project"], entity=settings["entity"], group=group, tags=tags, name=name,
-                # One W&B run per run directory, so a resumed run continues its curves.
-                id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16], resume="allow",
+                project=settings["project"], entity=settings["entity"], group=group, job_type=job_type, tags=tags,
+                name=name, id=wandb_run_id(run_dir),
+                # Online, a resumed run continues its W&B run. Offline, wandb ignores (and warns about)
+                # resume: each attempt writes its own offline-run-<time>-<id> folder with that same id,
+                # and `wandb sync --append` of the folders, in order, makes them one run.
+                resume="allow" if settings["mode"] == "online" else None,
                 dir=str(run_dir), mode=settings["mode"], config=redact(config),
                 settings=wandb.Settings(init_timeout=settings["init_timeout_s"]),
             )

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from bkn.config import ConfigError, Plan, model_options, run_settings
 from bkn.data import Datasets, build_datasets, build_loader
+from bkn.data.loaders import usable_cpus
 from bkn.engine.batches import StepBatches
 from bkn.engine.distributed import Collective
 from bkn.engine.optim import build_optimizer
@@ -39,6 +40,15 @@ def load_datasets(cfg: DictConfig, plan: Plan) -> Datasets:
     options = {key: value for key, value in OmegaConf.to_container(cfg.data).items() if key not in ENGINE_DATA_KEYS}
     return build_datasets(cfg.data.name, root=cfg.data.root, image_size=plan.image_size,
                           download=cfg.data.download, **options)
+
+
+def data_workers(cfg: DictConfig) -> int:
+    """``data.num_workers``, at most one per CPU this process may use (more only compete for them)."""
+    cpus = usable_cpus()
+    if cfg.data.num_workers > cpus:
+        log.info("data.num_workers=%d: this process may use %d CPUs; reading with %d workers per loader",
+                 cfg.data.num_workers, cpus, cpus)
+    return min(cfg.data.num_workers, cpus)
 
 
 def normalizer_spec(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
@@ -113,7 +123,8 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
     world = plan.world
     device = torch.device("cuda", world.local_rank) if plan.device == "cuda" else torch.device("cpu")
     datasets = load_datasets(cfg, plan)
-    plan = plan.with_train_set(len(datasets.train))
+    plan = plan.with_train_set(len(datasets.train), datasets.num_classes)
+    num_workers = data_workers(cfg)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, datasets.num_classes, normalizer_spec(cfg, plan), plan.image_size,
@@ -123,11 +134,11 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     batches = StepBatches(datasets.train, per_device_batch_size=plan.per_device_batch_size,
                           accumulation=plan.accumulation, world_size=world.size, rank=world.rank,
-                          num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
+                          num_workers=num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
     test_loader = None
     if world.is_main:
         test_loader = build_loader(datasets.test, plan.eval_batch_size, train=False,
-                                   num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
+                                   num_workers=num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
     session = Session(cfg, plan, device, collective, model, model, None, optimizer, scaler, batches, test_loader,
                       datasets.num_classes, sum(parameter.numel() for parameter in model.parameters()))
     if checkpoint is not None:

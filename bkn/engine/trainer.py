@@ -1,10 +1,11 @@
 """``run(cfg, plan)``: one training run from start (or checkpoint) to its run record's final summary.
 
-Decides how the run starts (``decide_start``, which the dry run prints too: ``resume=auto``
-continues ``<run dir>/checkpoints/last.pt`` made with the same settings and does nothing for a
-finished run; ``resume=null`` never overwrites a finished run of other settings; a checkpoint path
-must fit the model), joins the process group, builds the session, logs the plan, trains, and
-keeps ``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
+Holds the run directory against other processes (``bkn.engine.lock``), decides how the run starts
+(``decide_start``, which the dry run prints too: ``resume=auto`` continues
+``<run dir>/checkpoints/last.pt`` made with the same settings and does nothing for a finished run;
+``resume=null`` never overwrites a finished run of other settings; a checkpoint path must fit the
+model), joins the process group, builds the session, logs the plan, trains, and keeps
+``summary.json`` current: "running" while training, then "finished", "preempted" (SIGTERM /
 SIGINT / SIGUSR2: checkpoint saved, then ``Interrupted`` is raised or, under submitit, the job
 requeued), "diverged" or "failed".
 """
@@ -12,8 +13,8 @@ requeued), "diverged" or "failed".
 from __future__ import annotations
 
 import logging
-import pickle
 import signal
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -22,10 +23,11 @@ from typing import Any, Literal
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bkn.config import ConfigError, Plan, first_difference, is_under, run_settings
+from bkn.config import ConfigError, Plan, first_difference, is_under, normalizer_label, run_settings
 from bkn.engine.checkpoint import Interrupted, StopRequest, checkpoint_path, load_checkpoint
 from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
+from bkn.engine.lock import hold_run_dir
 from bkn.engine.logging import RunLogger, WandbLogger
 from bkn.engine.loop import TrainingStopped, train
 from bkn.engine.records import RunRecord, learning_verdict, read_metrics, read_summary
@@ -65,7 +67,7 @@ def _read_checkpoint(path: Path, auto: bool) -> dict[str, Any]:
                     (f"resume={path}", "pass a run's checkpoints/last.pt, or resume=null to start over"))
     try:
         checkpoint = load_checkpoint(path)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:  # another pickle, a cut or text file
+    except Exception as error:  # noqa: BLE001 - a cut, text or foreign file fails torch.load in many ways (KeyError too)
         raise ConfigError(f"{setting} is not a bkn checkpoint ({type(error).__name__}); {fix}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -131,13 +133,17 @@ def _wandb(cfg: DictConfig, plan: Plan, config: dict[str, Any]) -> WandbLogger |
     settings = cfg.logger.wandb
     if not (settings.enabled and plan.world.is_main):
         return None
+    # One group per experiment, so a dashboard puts all of a sweep's settings and normalizers side by
+    # side; the job type is the normalizer (BKN with its transition), and the setting, normalizer and
+    # data are config keys and tags to group, filter or colour by.
     setting = f"g{plan.gradient_batch_size}_s{plan.statistics_batch_size}"
-    tags = [cfg.model.name, cfg.normalizer.name, setting, cfg.data.name, *settings.tags]
-    if cfg.normalizer.get("transition"):
-        tags.append(f"transition={cfg.normalizer.transition}")
-    group = settings.group or f"{cfg.experiment_name}/{cfg.model.name}/{setting}"
-    return WandbLogger(OmegaConf.to_container(settings), run_dir=plan.run_dir, name=cfg.run_name, group=group,
-                       tags=tags, config=config)
+    normalizer = normalizer_label(cfg.normalizer)
+    tags = [cfg.model.name, normalizer, setting, cfg.data.name, *settings.tags]
+    comparison = {"setting": setting, "normalizer_label": normalizer,
+                  "data_label": cfg.data.name if cfg.data.root is None else f"{cfg.data.name} ({cfg.data.root})"}
+    return WandbLogger(OmegaConf.to_container(settings), run_dir=plan.run_dir, name=cfg.run_name,
+                       group=settings.group or cfg.experiment_name, job_type=settings.job_type or normalizer,
+                       tags=tags, config={**config, **comparison})
 
 
 def _summary(session: Session, status: str, final: dict[str, EvalResult],
@@ -156,6 +162,7 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult],
         "world_size": plan.world.size,
         "accumulation": plan.accumulation,
         "data": cfg.data.name,
+        "data_root": cfg.data.root,
         "image_size": plan.image_size,
         "seed": cfg.seed,
         "steps": plan.steps,
@@ -190,6 +197,13 @@ def run(cfg: DictConfig, plan: Plan) -> None:
     (status "diverged"); any other error marks the run "failed"."""
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
+    # The main rank holds the run directory from before anything is read or written there until
+    # the run ends: a second process on the same run (two terminals, a duplicated job) is refused.
+    with hold_run_dir(plan.run_dir) if plan.world.is_main else nullcontext():
+        _run_held(cfg, plan)
+
+
+def _run_held(cfg: DictConfig, plan: Plan) -> None:
     start = decide_start(cfg, plan)
     if start.kind == "finished":
         log.info("%s already finished (step %d); nothing to do. Pass resume=null to train it again.",

@@ -1,0 +1,115 @@
+"""Your own images in class folders (``data=folder``): ``root/train/<class>/*`` and
+``root/val/<class>/*``, or one ``root/<class>/*`` split into train and test by a seeded, per-class
+fraction. Any format torchvision's ``ImageFolder`` takes (JPEG, PNG, WebP, BMP, TIFF, ...) is read
+as RGB, with ImageNet's augmentation and the data set's own mean and standard deviation: computed
+from its training images unless given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from bkn.data.base import DataError, Datasets
+from bkn.data.imagenet import check_class_folders, load_rgb
+from bkn.data.transforms import imagenet_transform
+
+log = logging.getLogger("bkn")
+
+STATISTICS_IMAGES = 1000  # at most this many training images, spread evenly, give the mean and std
+
+
+def split_indices(targets: Sequence[int], val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
+    """``(train, val)`` indices: ``round(val_fraction * n)`` random images of each class's ``n`` for val."""
+    generator = torch.Generator().manual_seed(split_seed)
+    train, val = [], []
+    for label in sorted(set(targets)):
+        members = [index for index, target in enumerate(targets) if target == label]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        held_out = round(val_fraction * len(members))
+        val += [members[i] for i in order[:held_out]]
+        train += [members[i] for i in order[held_out:]]
+    return sorted(train), sorted(val)
+
+
+def channel_statistics(paths: Sequence[str]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of the pixels (in [0, 1]) of up to
+    ``STATISTICS_IMAGES`` of ``paths``, spread evenly over them."""
+    step = max(1, len(paths) // STATISTICS_IMAGES)
+    total, total_squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for path in paths[::step][:STATISTICS_IMAGES]:
+        pixels = pil_to_tensor(load_rgb(path)).flatten(1).to(torch.float64) / 255
+        total += pixels.sum(dim=1)
+        total_squares += pixels.square().sum(dim=1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = (total_squares / count - mean.square()).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def _given(name: str, value: Sequence[float] | None) -> list[float] | None:
+    if value is None:
+        return None
+    values = list(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values) or (name == "std" and min(values) <= 0):
+        raise DataError(f"data.{name}={values}: expected three numbers (R, G, B; pixels in [0, 1])"
+                        f"{', all positive' if name == 'std' else ''}, or null to compute it from the training images")
+    return [float(v) for v in values]
+
+
+def build_folder(*, root: str, image_size: int | None, download: bool, augment: bool = True,
+                 val_fraction: float = 0.2, split_seed: int = 0, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> Datasets:
+    """Class folders under ``root``: ``train/`` and ``val/``, or the classes themselves, of which
+    ``val_fraction`` of each class (drawn with ``split_seed``) becomes the test split."""
+    if download:
+        raise DataError("data=folder reads your own images, there is nothing to download; pass data.download=false")
+    if image_size is None:
+        raise DataError("data=folder needs an image size: set data.image_size (e.g. 224, or 64 for a quick run)")
+    mean, std = _given("mean", mean), _given("std", std)
+    train_dir, val_dir = Path(root) / "train", Path(root) / "val"
+    if train_dir.is_dir() or val_dir.is_dir():
+        found, missing = (train_dir, val_dir) if train_dir.is_dir() else (val_dir, train_dir)
+        if not missing.is_dir():
+            raise DataError(f"{found} is there but {missing} is not; add {missing.name}/ with the same class folders, "
+                            f"or put the class folders themselves under data.root={root} to split them by "
+                            f"data.val_fraction")
+        train_classes, val_classes = check_class_folders(train_dir), check_class_folders(val_dir)
+        if train_classes != val_classes:
+            only = sorted(set(train_classes) ^ set(val_classes))
+            raise DataError(f"the class folders of {train_dir} and {val_dir} differ (e.g. {only[:3]}); "
+                            "both splits need the same classes")
+        train_root, val_root, split = train_dir, val_dir, None
+    else:
+        check_class_folders(Path(root))
+        if not 0 < val_fraction < 1:
+            raise DataError(f"data.val_fraction={val_fraction}: expected a fraction in (0, 1) of each class's images "
+                            "to hold out for testing")
+        train_root = val_root = Path(root)
+        split = split_indices(ImageFolder(root, loader=load_rgb).targets, val_fraction, split_seed)
+
+    train_set = ImageFolder(str(train_root), loader=load_rgb)
+    train_paths = [path for path, _ in train_set.samples]
+    if split is not None:
+        train_paths = [train_paths[index] for index in split[0]]
+    if mean is None or std is None:
+        computed_mean, computed_std = channel_statistics(train_paths)
+        mean, std = mean or computed_mean, std or computed_std
+        log.info("data=folder: mean %s, std %s from %d training images (data.mean / data.std to give them)",
+                 [round(v, 4) for v in mean], [round(v, 4) for v in std], min(len(train_paths), STATISTICS_IMAGES))
+    train_set.transform = imagenet_transform(image_size, train=augment, mean=mean, std=std)
+    test_set = ImageFolder(str(val_root), loader=load_rgb,
+                           transform=imagenet_transform(image_size, train=False, mean=mean, std=std))
+    if split is not None:
+        if not split[1]:
+            raise DataError(f"data.val_fraction={val_fraction} holds out no image of {root}'s classes; raise it")
+        train, test = Subset(train_set, split[0]), Subset(test_set, split[1])
+    else:
+        train, test = train_set, test_set
+    return Datasets(train, test, len(train_set.classes), image_size, channels=3)
