@@ -108,6 +108,15 @@ study: setup  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16
 	$(PY) scripts/study.py $(PART) $(ARGS)
 	$(PY) scripts/study_report.py
 
+# --- make data-fashion: Fashion-MNIST's four IDX files from the Debian / Ubuntu package (docs/data.md) ---
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+.PHONY: data-fashion
+data-fashion:  ## install Fashion-MNIST (apt package dataset-fashion-mnist, into the default data.root; as root, else prints the command)
+	@if [ -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST is installed in $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y dataset-fashion-mnist; \
+	else echo "run as root: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; \
+	echo "(or, with internet: python train.py data=fashion_mnist data.root=data data.download=true ...)"; exit 1; fi
+
 # --- make demo: BN vs BKN at a micro-batch setting on the bundled digits, on a CPU (docs/training.md) ---
 # (configs/experiment/demo.yaml holds its settings, so its run names carry no override hash)
 demo: setup  ## BN vs BKN on the digits at (gradient 16, statistics 2) on a CPU, side by side (~3 min on 2 cores)
