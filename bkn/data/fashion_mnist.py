@@ -116,7 +116,7 @@ def build_fashion_mnist(
         )
     train_images, train_labels = read_split(*(found[name] for name in FILES["train"]))
     test_images, test_labels = read_split(*(found[name] for name in FILES["test"]))
-    # The normalization is the whole training set's, whatever subset trains: computed at load (0.1 s),
+    # The normalization is the whole training set's, whatever subset trains: computed at load (~1 s),
     # so it is always that of the files read, and the same for every train_size.
     pixels = train_images.float() / 255
     mean, std = [pixels.mean().item()], [pixels.std().item()]
