@@ -224,6 +224,7 @@ class Cell:
     values: list[float] = field(default_factory=list)
     missing: str = "missing"  # shown when there are no values: "missing", or the runs' statuses
     diverged: int = 0  # seeds whose run diverged: never values, always shown
+    not_learned: int = 0  # finished seeds whose run did not learn (at chance, loss not falling): shown
 
     @property
     def mean(self) -> float | None:
@@ -277,7 +278,8 @@ def row_cells(layout: Layout, runs_by_row: Mapping[str, list[Run]]) -> dict[tupl
             values = [value for run in finished if (value := _run_value(run, metric, bn_top1)) is not None]
             unfilled = "not reached" if metric == "steps_to_bn_top1" else "not recorded"
             diverged = sum(run.status == "diverged" for run in runs) if finished else 0
-            cells[row.key, metric] = Cell(values, missing if not finished else unfilled, diverged)
+            not_learned = sum(not run.learned for run in finished)
+            cells[row.key, metric] = Cell(values, missing if not finished else unfilled, diverged, not_learned)
     for comparison in layout.comparisons:
         for metric in comparison.metrics:
             if metric not in layout.metrics:
@@ -303,7 +305,8 @@ def _format_cell(cell: Cell, metric: str, ratio: bool = False) -> str:
     text = _format(cell.mean, metric, ratio)
     if cell.std is not None:
         text += f" ± {_format(cell.std, metric, ratio)} (n={len(cell.values)})"
-    return text + (f", {cell.diverged} diverged" if cell.diverged else "")
+    return (text + (f", {cell.diverged} diverged" if cell.diverged else "")
+            + (f", {cell.not_learned} did not learn" if cell.not_learned else ""))
 
 
 def _paper(experiment: str, key: str, metric: str) -> float | None:
@@ -357,7 +360,8 @@ def write_table(experiment: str, layout: Layout, runs: list[Run], scale: str, ou
         text += [SMOKE_WARNING, ""]
     text += ["Ours: mean ± std over the seeds whose run finished (n = seeds); `missing`: no run record; "
              "a run status (`running`, `failed`, `preempted`, `diverged`): no finished run; `k diverged`: "
-             "seeds left out of the mean because their run diverged."
+             "seeds left out of the mean because their run diverged; `k did not learn`: finished seeds (in the "
+             "mean) whose training loss did not fall or whose top-1 is at chance."
              + (" Paper: the paper's own number (— where it gives none)." if with_paper else ""), "", *table, ""]
     text += [f"- {note}" for note in layout.notes]
     text += ["", f"Regenerate: `{command}`"]

@@ -66,7 +66,7 @@ def row(run: Run, extra: list[str]) -> tuple[str, ...]:
     values = settings(run)
     return (run.name, run.experiment, str(summary.get("data")), "-" if lr is None else f"{lr:g}", normalizer,
             f"({summary['gradient_batch_size']}, {summary['statistics_batch_size']})",
-            f"{summary['step']}/{summary['steps']}", summary["status"], _accuracy(summary, "population"),
+            f"{summary['step']}/{summary['steps']}", run.verdict, _accuracy(summary, "population"),
             _accuracy(summary, "batch"), "-" if speed is None else f"{speed:.0f}",
             *(str(values.get(key, "-")) for key in extra))
 

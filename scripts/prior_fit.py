@@ -89,7 +89,7 @@ def initial_rows(batches: int, seeds: Sequence[int] = (0, 1, 2), statistics_batc
     for transition in ("analytic", "monte_carlo"):
         for state_from in ("input", "output"):
             norm = {"name": "bkn", "statistics_batch_size": statistics_batch_size, "transition": transition,
-                    "gain": 0.1, "state_from": state_from}
+                    "gain": 0.1, "gain_warmup": 0, "state_from": state_from}  # the gain q itself, not BN's start
             for seed in seeds:
                 torch.manual_seed(seed)  # train.py's initialization of seed `seed`
                 model = build_model("preact_resnet32", 10, norm, 8, in_channels=1)

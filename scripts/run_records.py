@@ -43,6 +43,16 @@ class Run:
         return self.status == "finished"
 
     @property
+    def learned(self) -> bool:
+        """False for a finished run whose record says it did not learn (train.py's learning verdict)."""
+        return self.summary.get("learned") is not False
+
+    @property
+    def verdict(self) -> str:
+        """The status as tables show it: "finished, did not learn" where the record says so."""
+        return self.status if self.learned else f"{self.status}, did not learn"
+
+    @property
     def setting(self) -> tuple[int, int]:
         """The paper's ``(gradient-batch-size, statistics-batch-size)``."""
         return int(self.summary["gradient_batch_size"]), int(self.summary["statistics_batch_size"])
@@ -61,7 +71,8 @@ class Run:
     @property
     def variant(self) -> str:
         """The normalizer as the study names it: ``bn``, ``gn``, ``bkn-analytic``, with BKN's
-        non-default options appended (``bkn-linear-no_propagation``, ``-learned_gain``, ``-state_input``)."""
+        non-default options appended (``bkn-linear-no_propagation``, ``-learned_gain``, ``-state_input``,
+        ``-no_gain_warmup``)."""
         normalizer = self.config.get("normalizer") or {}
         name = str(self.summary.get("normalizer") or normalizer.get("name"))
         if name != "bkn":
@@ -73,6 +84,8 @@ class Run:
             label += "-learned_gain"
         if normalizer.get("state_from") == "input":
             label += "-state_input"
+        if normalizer.get("gain_warmup") == 0:
+            label += "-no_gain_warmup"
         return label
 
     def train_losses(self) -> list[tuple[int, float]]:

@@ -16,7 +16,11 @@ finish from empty run records in about 75 minutes on a 2-core CPU (two one-threa
               the harder variant (configs/data/digits_hard.yaml), 150 epochs, at (64, 64) / (32, 1)
     state     why the analytic transition stalled: what BKN passes on (state_from), at (32, 1) and (16, 1)
     stall     the recipe it stalled under (lr 0.05, no warm-up, 1,500 steps at (32, 1)), input vs output state
-    all       every digits part but quick, one after the other (several hours)
+    robustness_cifar_net_seed0, robustness_cifar_net_seed1,
+    robustness_preact_resnet32_seed0, robustness_preact_resnet32_seed1
+              the recipe a user types first, `python train.py`, over learning rates (below); `robustness`
+              runs all four (about 3 hours)
+    all       every part but quick and the Fashion-MNIST ones, one after the other (several hours)
 
 Fashion-MNIST (``make data-fashion`` installs it; configs/experiment/study_fashion.yaml), all
 10,000 test images, experiment ``study_fashion``; each part one seed (0, 1, 2) of one setting:
@@ -56,7 +60,16 @@ rests on the 3x longer schedule and is not yet shown; ``fashion_quick`` and the 
 are the check. The knobs, if the timings or the bar say so: FASHION_EPOCHS here, data.train_size and
 model.depth in configs/experiment/study_fashion.yaml (TRAIN_EXAMPLES).
 
-Every run of a part sees the same examples (``epochs`` of the training set) whatever its
+The robustness parts do not train to convergence: they test whether each normalizer trains at all
+on the default command's recipe (step schedule, no warm-up, one evaluation at the end) for 300
+steps at (16, 2) and (16, 1), at learning rates 0.05, 0.1, 0.2 and 0.4 (not rescaled), with both
+networks: BN, BRN (plain BN for 5% of the steps, relaxed over the next 40%), GN, BKN as configured
+by default (linear, with its gain warm-up), BKN-analytic, BKN-Monte-Carlo, and the default BKN
+without the warm-up (as it was before it). 56 runs a part; estimated ~50 minutes (cifar_net) and
+~35 minutes (preact_resnet32) on an idle 2-core machine, from single runs of ~110 s and ~75 s
+taken two at a time.
+
+The converged parts: every run of a part sees the same examples (``epochs`` of the training set) whatever its
 gradient batch, so the settings differ in their number of steps. What follows from a setting:
 
 - learning rate: the linear scaling rule, ``0.1 x gradient / 64``; cosine decay to zero after a
@@ -132,6 +145,17 @@ FASHION_LARGE, FASHION_MICRO = (128, 128), ((16, 1), (8, 2))  # (gradient, stati
 FASHION_EPOCHS = 15  # of configs/experiment/study_fashion.yaml's 20,000 training images
 
 
+# The robustness study: the default command's recipe over learning rates (see the docstring).
+ROBUSTNESS = {
+    "bn": CORE["bn"], "brn": CORE["brn"], "gn": CORE["gn"],
+    "bkn-linear": ["normalizer=bkn"],  # the default BKN, as a user gets it
+    "bkn-analytic": CORE["bkn-analytic"], "bkn-monte_carlo": CORE["bkn-monte_carlo"],
+    "bkn-linear-no_gain_warmup": ["normalizer=bkn", "normalizer.gain_warmup=0"],  # the default before the fix
+}
+ROBUSTNESS_LEARNING_RATES = (0.05, 0.1, 0.2, 0.4)
+ROBUSTNESS_MODELS = ("cifar_net", "preact_resnet32")
+
+
 @dataclass(frozen=True)
 class Part:
     experiment: str  # experiment_name: the folder under the runs dir
@@ -141,6 +165,10 @@ class Part:
     epochs: int
     data: str = "digits"
     steps: int | None = None  # a fixed number of steps instead of epochs, without the warm-up
+    # The default command's recipe at each of these learning rates, with this model (robustness);
+    # empty: the study's recipe (linear scaling, cosine, warm-up, an evaluation every epoch).
+    learning_rates: tuple[float, ...] = ()
+    model: str = "preact_resnet32"
     config: str = "study"  # experiment=<config>: configs/experiment/<config>.yaml
     eval_every_epochs: int = 1  # Fashion-MNIST's 10,000 test images are worth evaluating less often
 
@@ -158,6 +186,9 @@ PARTS = {
     "hard_g32_s1": Part("study_hard", ((32, 1),), HARD, (0, 1, 2), 150, data="digits_hard"),
     "state": Part("study_state", ((32, 1), (16, 1)), STATE, (0, 1), 30),
     # The recipe under which BKN-analytic was seen to stall: lr 0.05, no warm-up, 1,500 steps at (32, 1).
+    **{f"robustness_{model}_seed{seed}": Part("study_robustness", ((16, 2), (16, 1)), ROBUSTNESS, (seed,), 0,
+                                              steps=300, learning_rates=ROBUSTNESS_LEARNING_RATES, model=model)
+       for model in ROBUSTNESS_MODELS for seed in (0, 1)},
     "stall": Part("study_stall", ((32, 1),), {k: v for k, v in STATE.items() if "analytic" in k}, (0, 1), 0,
                   steps=1500),
     # Fashion-MNIST: a first try of the design (BN at both batch sizes, BKN at (16, 1), 2 epochs), then the grid.
@@ -168,7 +199,8 @@ PARTS = {
        for name, setting in (("baseline", FASHION_LARGE), ("g16_s1", FASHION_MICRO[0]), ("g8_s2", FASHION_MICRO[1]))
        for seed in (0, 1, 2)},
 }
-DIGITS_PARTS = [name for name in PARTS if name != "quick" and not name.startswith("fashion")]  # what all runs
+# What all runs: every part but the quick ones and Fashion-MNIST's (fashion_all).
+DIGITS_PARTS = [name for name in PARTS if name != "quick" and not name.startswith("fashion")]
 FASHION_PARTS = [name for name in PARTS if name.startswith("fashion") and name != "fashion_quick"]  # fashion_all
 
 
@@ -180,6 +212,8 @@ class RunSpec:
 
 def run_specs(part: Part, runs_dir: Path) -> list[RunSpec]:
     """Every run of ``part``, the costliest (smallest gradient batch) first."""
+    if part.learning_rates:
+        return robustness_specs(part, runs_dir)
     specs = []
     for gradient, statistics in sorted(part.settings):
         steps_per_epoch = TRAIN_EXAMPLES[part.data] // gradient
@@ -208,6 +242,27 @@ def run_specs(part: Part, runs_dir: Path) -> list[RunSpec]:
     return specs
 
 
+def robustness_specs(part: Part, runs_dir: Path) -> list[RunSpec]:
+    """The runs of a robustness part: ``python train.py`` with the model, setting, learning rate,
+    normalizer and seed changed, and nothing else (BRN's schedule follows the number of steps)."""
+    specs = []
+    for gradient, statistics in sorted(part.settings):
+        for lr in part.learning_rates:
+            setting = [f"model={part.model}", f"data={part.data}", f"experiment_name={part.experiment}",
+                       f"out_dir={runs_dir}", "resume=auto", f"batch.gradient={gradient}",
+                       f"batch.statistics={statistics}", f"optim.lr={lr:g}", f"train.steps={part.steps}",
+                       "train.epochs=null"]
+            for variant, normalizer in part.variants.items():
+                extra = []
+                if variant == "brn":
+                    extra = [f"normalizer.warmup_steps={round(BRN_WARMUP_FRACTION * part.steps)}",
+                             f"normalizer.relax_steps={round(BRN_RELAX_FRACTION * part.steps)}"]
+                for seed in part.seeds:
+                    name = f"{part.model}_g{gradient}_s{statistics}_lr{lr:g}_{variant}_seed{seed}"
+                    specs.append(RunSpec(name, (*setting, *normalizer, *extra, f"seed={seed}", f"run_name={name}")))
+    return specs
+
+
 def is_finished(run_dir: Path) -> bool:
     try:
         return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
@@ -230,14 +285,16 @@ def train(spec: RunSpec, logs: Path) -> tuple[str, int, float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=[*PARTS, "all", "fashion_all"], help="which part of the study to run")
+    parser.add_argument("part", choices=[*PARTS, "robustness", "all", "fashion_all"],
+                        help="which part of the study to run")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/study"), help="default runs/study")
     parser.add_argument("--workers", type=int, default=2, help="train.py processes at a time (default 2)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands still to run, run nothing")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    groups = {"all": DIGITS_PARTS, "fashion_all": FASHION_PARTS}
+    groups = {"all": DIGITS_PARTS, "fashion_all": FASHION_PARTS,
+              "robustness": [part for part in PARTS if part.startswith("robustness_")]}
     for part_name in groups.get(args.part, [args.part]):
         run_part(part_name, args.runs_dir.resolve(), args.workers, args.dry_run)
 

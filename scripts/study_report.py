@@ -53,7 +53,11 @@ EXPERIMENTS = {
     "study_state": "what BKN passes on to the next layer's prediction: its output's statistics or its input's",
     "study_quick": "first look: (32, 2), 10 epochs, one seed (not converged by design)",
     "study_stall": "the recipe BKN-analytic stalled under: lr 0.05, no warm-up, 1,500 steps at (32, 1)",
+    "study_robustness": "the default command's recipe (no warm-up, 300 steps) over learning rates",
 }
+# Robustness: a run "trains" when its better inference option reaches TRAINS_TOP1; the default BKN
+# must then be within DEFAULT_MARGIN points of BN's better option wherever BN trains.
+TRAINS_TOP1, DEFAULT_MARGIN, DEFAULT_BKN = 90.0, 2.0, "bkn-linear"
 BASELINE_SETTING, CONVERGED_TOP1 = (64, 64), 97.0
 # Experiments with a large-batch BN baseline of their own get a speed table and a Fig. 8 analogue: file suffix.
 WITH_BASELINE = {"study": "", "study_hard": "_hard"}
@@ -123,7 +127,7 @@ def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> 
              "statistics, option A, on whole groups only (320 of the 360 at 64 a group; GN has per-example statistics, "
              "so its A is its B). Final training loss: "
              f"mean of the last 10% of logged steps; loss flat: the runs whose last 10% lie at most "
-             f"{FLAT_TOLERANCE:.0%} (or {FLAT_ABSOLUTE:g}) below the 10% before. Not finished: runs with another status (diverged, failed, ...).",
+             f"{FLAT_TOLERANCE:.0%} (or {FLAT_ABSOLUTE:g}) below the 10% before. Not finished: runs with another status (diverged, failed, ...) or that did not learn.",
              "", header, "|---|---|---|---|---|---|---|---|"]
     records = []
     for (setting, variant), group in rows_of(runs).items():
@@ -132,13 +136,13 @@ def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> 
         batch = [v for run in finished if (v := run.final("batch")) is not None]
         losses = [v for run in finished if (v := final_loss(run)) is not None]
         flat = [run for run in finished if loss_is_flat(run)]
-        others = sorted(f"{run.name}: {run.status}" for run in group if not run.finished)
+        others = sorted(f"{run.name}: {run.verdict}" for run in group if not (run.finished and run.learned))
         batch_text = "= B" if variant == "gn" else mean_std(batch, 1)
         lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | {len(finished)} | {mean_std(population, 1)} "
                      f"| {batch_text} | {mean_std(losses, 3)} | {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
         for run in group:
             records.append({"experiment": experiment, "setting": f"({setting[0]}, {setting[1]})", "normalizer": variant,
-                            "seed": run.summary.get("seed"), "status": run.status,
+                            "seed": run.summary.get("seed"), "status": run.verdict,
                             "top1_population": run.final("population"), "top1_batch": run.final("batch"),
                             "final_training_loss": final_loss(run), "loss_flat": loss_is_flat(run),
                             "steps": run.summary.get("steps"), "wall_time_s": run.summary.get("wall_time_s")})
@@ -226,6 +230,121 @@ def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> N
     (out_dir / f"variance_gap{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
+def best_top1(run: Run) -> float | None:
+    """The better of the two inference options' final top-1 (GN has one)."""
+    values = [v for inference in ("population", "batch") if (v := run.final(inference)) is not None]
+    return max(values) if values else None
+
+
+def robustness_cells(runs: Sequence[Run]) -> dict[tuple[str, tuple[int, int], float, str], list[Run]]:
+    """Finished runs by (model, setting, learning rate, variant)."""
+    cells: dict[tuple[str, tuple[int, int], float, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.finished:
+            lr = float((run.config.get("optim") or {})["lr"])
+            cells[str(run.summary["model"]), run.setting, lr, run.variant].append(run)
+    return cells
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def write_robustness(runs: Sequence[Run], out_dir: Path) -> None:
+    """study_robustness.{md,csv,png}: top-1 per cell, the largest learning rate each normalizer
+    trains at, and whether the default BKN keeps up with BN wherever BN trains."""
+    cells = robustness_cells(runs)
+    variants = sorted({key[3] for key in cells}, key=variant_key)
+    models = sorted({key[0] for key in cells})
+    rows = sorted({key[:3] for key in cells}, key=lambda row: (row[0], -row[1][1], row[2]))
+    lines = [f"# study_robustness — {EXPERIMENTS['study_robustness']}", "",
+             "`python train.py` with the model, setting (g, s), learning rate and normalizer changed: the step "
+             "schedule without warm-up, 300 steps on the digits, one evaluation at the end. Each cell: final top-1 "
+             "with population statistics (B) / batch statistics (A), mean over the seeds (n); `*`: a seed did "
+             f"not learn (training loss not falling or top-1 at chance). A run trains when its better option "
+             f"reaches {TRAINS_TOP1:.0f}%.", ""]
+    records = []
+    for model in models:
+        lines += [f"## {model}", "", "| setting | lr | " + " | ".join(label(v) for v in variants) + " |",
+                  "|---|---:|" + "---|" * len(variants)]
+        for row in [r for r in rows if r[0] == model]:
+            texts = []
+            for variant in variants:
+                group = cells.get((*row, variant), [])
+                if not group:
+                    texts.append("—")
+                    continue
+                population = _mean([run.final("population") for run in group])
+                batch = _mean([run.final("batch") for run in group])
+                text = "—" if population is None else f"{population:.1f}"
+                if variant != "gn" and batch is not None:
+                    text += f" / {batch:.1f}"
+                texts.append(text + ("*" if any(not run.learned for run in group) else "") + f" (n={len(group)})")
+                for run in group:
+                    records.append({"model": model, "setting": f"({row[1][0]}, {row[1][1]})", "lr": row[2],
+                                    "normalizer": variant, "seed": run.summary.get("seed"), "status": run.verdict,
+                                    "top1_population": run.final("population"), "top1_batch": run.final("batch")})
+            lines.append(f"| ({row[1][0]}, {row[1][1]}) | {row[2]:g} | " + " | ".join(texts) + " |")
+        lines.append("")
+    lines += ["## The largest learning rate that trains", "",
+              f"Per model and setting, the largest learning rate at which the mean over seeds of the better "
+              f"option's top-1 reaches {TRAINS_TOP1:.0f}% (the paper claims BKN, like BN, trains with large "
+              "learning rates); `none`: no learning rate tried.", "",
+              "| model | setting | " + " | ".join(label(v) for v in variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for model, setting in sorted({key[:2] for key in cells}, key=lambda key: (key[0], -key[1][1])):
+        texts = []
+        for variant in variants:
+            trained = [lr for (m, s, lr, v), group in cells.items() if (m, s, v) == (model, setting, variant)
+                       and (top1 := _mean([best_top1(run) for run in group])) is not None and top1 >= TRAINS_TOP1]
+            texts.append(f"{max(trained):g}" if trained else "none")
+        lines.append(f"| {model} | ({setting[0]}, {setting[1]}) | " + " | ".join(texts) + " |")
+    lines += ["", f"## The default BKN ({label(DEFAULT_BKN)}) where BN trains", "",
+              f"Every cell where BN's better option reaches {TRAINS_TOP1:.0f}%: the default BKN's better option "
+              f"must be within {DEFAULT_MARGIN:.0f} points of it.", "",
+              "| model | setting | lr | BN (better option) | default BKN (better option) | within 2 points |",
+              "|---|---|---:|---:|---:|---|"]
+    for row in rows:
+        bn = _mean([best_top1(run) for run in cells.get((*row, "bn"), [])])
+        bkn = _mean([best_top1(run) for run in cells.get((*row, DEFAULT_BKN), [])])
+        if bn is None or bn < TRAINS_TOP1:
+            continue
+        verdict = "—" if bkn is None else ("yes" if bkn >= bn - DEFAULT_MARGIN else "**no**")
+        lines.append(f"| {row[0]} | ({row[1][0]}, {row[1][1]}) | {row[2]:g} | {bn:.1f} | "
+                     f"{'—' if bkn is None else f'{bkn:.1f}'} | {verdict} |")
+    lines += ["", "Regenerate: `make study PART=robustness` (or one of its four parts), then `make study`."]
+    (out_dir / "study_robustness.md").write_text("\n".join(lines) + "\n")
+    if records:
+        with open(out_dir / "study_robustness.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    _plot_robustness(cells, variants, out_dir / "study_robustness.png")
+
+
+def _plot_robustness(cells: dict, variants: Sequence[str], path: Path) -> None:
+    """Better option's top-1 against the learning rate, one panel per (model, setting)."""
+    import matplotlib.pyplot as plt  # plots.py has chosen the file-only backend
+    panels = sorted({key[:2] for key in cells}, key=lambda key: (key[0], -key[1][1]))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
+    for axis, (model, setting) in zip(axes.flat, panels):
+        for variant in variants:
+            points = sorted((lr, top1) for (m, s, lr, v), group in cells.items() if (m, s, v) == (model, setting, variant)
+                            and (top1 := _mean([best_top1(run) for run in group])) is not None)
+            if points:
+                name, _, transition = variant.partition("-")
+                axis.plot(*zip(*points), marker="o", label=label(variant),
+                          color=plots.color(name, transition or None),
+                          linestyle="--" if variant.endswith("no_gain_warmup") else "-")
+        axis.axhline(TRAINS_TOP1, color="gray", linewidth=0.8, linestyle=":")
+        axis.set(xscale="log", xlabel="learning rate (no warm-up)", ylabel="top-1 %, better option", ylim=(0, 100),
+                 title=f"{model}, setting ({setting[0]}, {setting[1]})")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(EXPERIMENTS["study_robustness"] + " (mean over seeds)", fontsize=11)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def wall_times(runs_dir: Path, records_dir: Path) -> dict[str, float]:
     """Seconds each part's invocations took, added up. study.py logs them in the runs dir; they are
     merged into the committed records/wall_times.jsonl, so a new machine keeps the earlier ones."""
@@ -302,9 +421,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not runs:
             continue
         save_records(runs, records_dir)
+        written.append(experiment)
+        if experiment == "study_robustness":  # cells by model and learning rate, not by setting alone
+            write_robustness(runs, args.out_dir)
+            continue
         write_results_table(experiment, runs, args.out_dir)
         write_figure(experiment, runs, args.out_dir)
-        written.append(experiment)
         if experiment in WITH_BASELINE:
             baseline = baseline_top1(runs)
             if baseline is not None:

@@ -59,8 +59,7 @@ def test_every_combination_composes() -> None:
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
 def test_every_model_validates_at_its_paper_size(model: str) -> None:
     size = 32 if model in ("cifar_net", "preact_resnet", "preact_resnet32", "preact_resnet110") else 224
-    normalizer = ["normalizer=bn"] if model == "timm" else []  # timm models refuse the default, BKN
-    plan = validate(compose_config([f"model={model}", *normalizer, "data=synthetic", f"data.image_size={size}"]),
+    plan = validate(compose_config([f"model={model}", "data=synthetic", f"data.image_size={size}"]),
                     environ={})
     assert plan.image_size == size
 

@@ -181,7 +181,7 @@ def run_two_layer(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("transition", TRANSITIONS)
 def test_kalman_norm_with_gain_one_equals_batchnorm_exactly(transition):
     bn_net = two_layer({"name": "bn", "statistics_batch_size": 2})
-    bkn_net = two_layer({"name": "bkn", "statistics_batch_size": 2, "gain": 1.0, "transition": transition})
+    bkn_net = two_layer({"name": "bkn", "statistics_batch_size": 2, "gain": 1.0, "gain_warmup": 0, "transition": transition})
     for block in bn_net:
         randomize_affine(block.norm)
     bkn_net.load_state_dict(bn_net.state_dict(), strict=False)
@@ -213,7 +213,7 @@ def kalman_reference(x, prior_mean, prior_var, q, weight, bias, eps):
 
 @pytest.mark.parametrize("state_from", ["input", "output"])
 def test_kalman_norm_matches_the_equations_per_group(state_from):
-    layer = N.KalmanNorm2d(4, statistics_batch_size=3, gain=0.3, state_from=state_from).double()
+    layer = N.KalmanNorm2d(4, statistics_batch_size=3, gain=0.3, gain_warmup=0, state_from=state_from).double()
     randomize_affine(layer)
     x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2
     prior = N.KalmanState(torch.randn(2, 4, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64) + 0.5)
@@ -244,7 +244,7 @@ def test_linear_transition_without_propagation_predicts_a_learned_constant():
 
 
 def test_kalman_norm_groups_equal_separate_runs():
-    base = N.KalmanNorm2d(3, gain=0.4)
+    base = N.KalmanNorm2d(3, gain=0.4, gain_warmup=0)
     randomize_affine(base)
     x = torch.randn(6, 3, 4, 4)
     prior = N.KalmanState(torch.randn(3, 3), torch.rand(3, 3) + 0.2)
@@ -278,7 +278,7 @@ def test_predictions_are_per_group(transition):
 
 
 def test_fallback_uses_the_observation_when_the_prediction_is_far_too_wide():
-    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.1, fallback_ratio=100.0, state_from="input")
+    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.1, gain_warmup=0, fallback_ratio=100.0, state_from="input")
     x = torch.randn(4, 3, 4, 4)
     obs_mean, obs_var = BF.group_stats(x, 2)
     prior = N.KalmanState(torch.zeros(2, 3), torch.stack([obs_var[0] * 1000, obs_var[1] * 2]))
@@ -291,8 +291,35 @@ def test_fallback_uses_the_observation_when_the_prediction_is_far_too_wide():
     assert not torch.allclose(without.var[0], obs_var[0])
 
 
+def test_gain_warmup_starts_as_bn_and_reaches_the_gain():
+    """The gain falls linearly from 1 (exactly BN) to q over gain_warmup training batches."""
+    torch.manual_seed(0)
+    x, prior = torch.randn(4, 3, 4, 4) + 1, N.KalmanState(torch.zeros(2, 3), torch.ones(2, 3))
+    warm = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.2, gain_warmup=4)
+    bn = N.BatchNorm2d(3, statistics_batch_size=2)
+    assert torch.equal(warm(x, prior)[0], bn(x))  # batch 0: gain 1, bit for bit BN
+    gains = []
+    for _ in range(6):
+        gains.append(warm.current_gain().item())
+        warm(x, prior)
+    assert gains == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.2, 0.2])  # 1 - 0.8 * min(t / 4, 1)
+    settled = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.2, gain_warmup=0)
+    settled.load_state_dict(warm.state_dict())  # the count travels with the state_dict (resume)
+    torch.testing.assert_close(warm(x, prior)[0], settled(x, prior)[0])
+
+
+def test_gain_follows_the_authors_rule_by_group_size():
+    assert N.KalmanNorm2d(3, statistics_batch_size=2).initial_gain == 0.1
+    assert N.KalmanNorm2d(3, statistics_batch_size=31).initial_gain == 0.1
+    assert N.KalmanNorm2d(3, statistics_batch_size=32).initial_gain == 0.95
+    assert N.KalmanNorm2d(3).initial_gain == 0.95  # one group of the whole batch
+    assert N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.3).initial_gain == 0.3
+    with pytest.raises(ValueError, match="gain_warmup"):
+        N.KalmanNorm2d(3, gain_warmup=-1)
+
+
 def test_kalman_norm_eval_options():
-    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.5)
+    layer = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.5, gain_warmup=0)
     prior = N.KalmanState(torch.zeros(2, 3), torch.ones(2, 3))
     for _ in range(3):
         layer(torch.randn(4, 3, 4, 4) + 1, prior)
@@ -310,7 +337,7 @@ def test_kalman_norm_eval_options():
 
 
 def test_learned_gain_and_linear_transition_train():
-    layer = N.KalmanNorm2d(4, statistics_batch_size=2, in_features=3, transition="linear", gain=0.2,
+    layer = N.KalmanNorm2d(4, statistics_batch_size=2, in_features=3, transition="linear", gain=0.2, gain_warmup=0,
                            learn_gain=True)
     assert torch.sigmoid(layer.gain_logit).item() == pytest.approx(0.2)
     prior = layer.predict(N.KalmanState(torch.randn(2, 3), torch.rand(2, 3)))
@@ -330,7 +357,7 @@ def test_gradcheck_every_layer_in_float64():
     with torch.no_grad():
         brn.running_mean.fill_(10.0), brn.running_var.fill_(100.0)
     assert torch.autograd.gradcheck(lambda v: brn(v), (x,))
-    bkn = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.3, learn_gain=True).double()
+    bkn = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.3, gain_warmup=0, learn_gain=True).double()
     prior_mean = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     prior_var = (torch.rand(2, 3, dtype=torch.float64) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda v, m, s: bkn(v, N.KalmanState(m, s))[0], (x, prior_mean, prior_var))
@@ -357,9 +384,9 @@ def test_adversarial_inputs_stay_finite(name):
 def test_bad_input_raises_one_clear_error():
     layer = N.KalmanNorm2d(4, statistics_batch_size=2)
     with pytest.raises(ValueError, match="statistics_batch_size=2 does not divide the device batch of 3"):
-        layer(torch.randn(3, 4, 2, 2))
+        layer(torch.randn(3, 4, 2, 2), None)
     with pytest.raises(ValueError, match=r"built for 4 channels \(num_features\) but got input with 5"):
-        layer(torch.randn(2, 5, 2, 2))
+        layer(torch.randn(2, 5, 2, 2), None)
     with pytest.raises(ValueError, match=r"prior of shape \(1, 4\).*\(groups, channels\) = \(2, 4\)"):
         layer(torch.randn(4, 4, 2, 2), N.KalmanState(torch.zeros(1, 4), torch.ones(1, 4)))
     with pytest.raises(ValueError, match="expects \\[4\\]-D input"):
@@ -405,7 +432,7 @@ def test_autocast_bfloat16_runs_in_low_precision_with_float32_statistics():
 
 
 def test_channels_last_gives_the_same_result():
-    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": "analytic", "gain": 0.5})
+    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": "analytic", "gain": 0.5, "gain_warmup": 0})
     x = torch.randn(4, 3, 8, 8)
     reference = run_two_layer(net, x)
     net = net.to(memory_format=torch.channels_last)
@@ -417,7 +444,7 @@ def test_channels_last_gives_the_same_result():
 @pytest.mark.slow
 @pytest.mark.parametrize("transition", TRANSITIONS)
 def test_torch_compile_matches_eager(transition):
-    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": transition, "gain": 0.5})
+    net = two_layer({"name": "bkn", "statistics_batch_size": 2, "transition": transition, "gain": 0.5, "gain_warmup": 0})
     x = torch.randn(4, 3, 8, 8)
     compiled = torch.compile(lambda v: run_two_layer(net, v))
     torch.manual_seed(1)
@@ -474,7 +501,7 @@ def test_group_norm_ignores_statistics_groups_and_inference():
 
 EVERY_NORM = [{"name": "bn", "statistics_batch_size": 2},
               {"name": "brn", "statistics_batch_size": 2, "warmup_steps": 0, "relax_steps": 1},
-              *({"name": "bkn", "statistics_batch_size": 2, "transition": t, "gain": 0.5} for t in TRANSITIONS)]
+              *({"name": "bkn", "statistics_batch_size": 2, "transition": t, "gain": 0.5, "gain_warmup": 0} for t in TRANSITIONS)]
 NORM_IDS = ["bn", "brn", *(f"bkn-{t}" for t in TRANSITIONS)]
 
 
@@ -516,7 +543,7 @@ def test_layers_in_float64_float16_and_bfloat16_are_as_accurate_as_torch_batchno
     warm-up and BKN with gain 1 are BN): float64 to its precision, float16 and bfloat16 within
     twice the error of torch's own BatchNorm2d in that dtype. Statistics: float64 for float64,
     float32 otherwise."""
-    options = {"gain": 1.0} if name == "bkn" else {}
+    options = {"gain": 1.0, "gain_warmup": 0} if name == "bkn" else {}
     ours, torch_bn = N.build_norm(name, 3, **options).to(dtype), nn.BatchNorm2d(3).to(dtype)
     exact = nn.BatchNorm2d(3).double()
     x = torch.randn(4, 3, 5, 5).to(dtype)
@@ -551,7 +578,7 @@ def test_gradgradcheck_bn_and_brn_in_float64_training_mode():
 def test_gradgradcheck_bkn_in_float64_training_mode(transition):
     """Two BKN blocks, so the second layer's prior comes through the transition and the conv."""
     torch.manual_seed(0)
-    norm = {"name": "bkn", "statistics_batch_size": 2, "transition": transition, "gain": 0.3, "monte_carlo_size": 2}
+    norm = {"name": "bkn", "statistics_batch_size": 2, "transition": transition, "gain": 0.3, "gain_warmup": 0, "monte_carlo_size": 2}
     net = nn.ModuleList([N.ConvNormAct(2, 3, 3, norm, first=True), N.ConvNormAct(3, 3, 3, norm)]).double()
     if transition == "linear":
         with torch.no_grad():

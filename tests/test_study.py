@@ -31,7 +31,8 @@ def overrides_of(spec: study.RunSpec) -> dict[str, str]:
 def test_every_part_runs_every_setting_variant_and_seed_once_on_the_same_examples(tmp_path: Path) -> None:
     for name, part in study.PARTS.items():
         specs = study.run_specs(part, tmp_path)
-        assert len(specs) == len(part.settings) * len(part.variants) * len(part.seeds), name
+        learning_rates = len(part.learning_rates) or 1
+        assert len(specs) == len(part.settings) * len(part.variants) * len(part.seeds) * learning_rates, name
         assert len({spec.name for spec in specs}) == len(specs), name
         for spec in specs:
             settings = overrides_of(spec)
@@ -40,7 +41,11 @@ def test_every_part_runs_every_setting_variant_and_seed_once_on_the_same_example
                 assert (settings["train.steps"], settings["train.epochs"]) == (str(part.steps), "null")
             else:
                 assert settings["train.epochs"] == str(part.epochs)  # the same examples at every setting
-            assert float(settings["optim.lr"]) == pytest.approx(0.1 * gradient / 64)
+            if part.learning_rates:  # the default command's recipe: only these settings change
+                assert float(settings["optim.lr"]) in part.learning_rates and "schedule" not in settings
+                assert settings["model"] == part.model and "experiment" not in settings
+            else:
+                assert float(settings["optim.lr"]) == pytest.approx(0.1 * gradient / 64)
             assert settings["run_name"] == spec.name and settings["experiment_name"] == part.experiment
             if "normalizer.gain" in settings:
                 assert float(settings["normalizer.gain"]) == (0.95 if statistics_size >= 32 else 0.1)
@@ -69,9 +74,9 @@ def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
         for part in study.PARTS.values():
             for spec in study.run_specs(part, tmp_path):
                 variant = spec.name.split("_", 2)[2].rsplit("_seed", 1)[0]
-                if (variant, part.data) in seen:  # composing and validating takes ~1 s: once per variant
+                if (variant, part.data, part.model) in seen:  # composing and validating takes ~1 s: once per variant
                     continue
-                seen.add((variant, part.data))
+                seen.add((variant, part.data, part.model))
                 cfg = compose("config", overrides=list(spec.overrides))
                 plan = validate(cfg).with_train_set(study.TRAIN_EXAMPLES[part.data])
                 if part.steps:
@@ -83,7 +88,7 @@ def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
                     assert cfg.model.name == "preact_resnet" and cfg.data.train_size == study.TRAIN_EXAMPLES[part.data]
                     assert plan.eval_batch_size % plan.statistics_batch_size == 0
                 else:
-                    assert cfg.data.name.startswith("digits") and cfg.model.name == "preact_resnet32"
+                    assert cfg.data.name == "digits" and cfg.model.name == part.model
 
 
 def test_all_runs_the_digits_parts_and_fashion_all_the_fashion_grid() -> None:
@@ -230,3 +235,31 @@ def test_the_harder_digits_get_their_own_speed_table(tmp_path: Path) -> None:
     rows = [line.split("|") for line in (out / "steps_to_baseline_hard.md").read_text().splitlines()
             if line.startswith("| (32, 1) | GN")]
     assert rows[0][3].strip() == "40"  # 95% of its own baseline, 85.5%: first reached at step 40
+
+
+def write_robustness_run(runs_dir: Path, model: str, setting: tuple[int, int], lr: float, normalizer: dict,
+                         seed: int, top1: tuple[float, float], learned: bool = True) -> None:
+    variant = normalizer["name"] + (f"-{normalizer['transition']}" if "transition" in normalizer else "")
+    directory = runs_dir / "study_robustness" / f"{model}_{setting}_{lr}_{variant}_{seed}"
+    directory.mkdir(parents=True)
+    summary = {"experiment": "study_robustness", "run": directory.name, "status": "finished", "model": model,
+               "normalizer": normalizer["name"], "transition": normalizer.get("transition"),
+               "gradient_batch_size": setting[0], "statistics_batch_size": setting[1], "seed": seed,
+               "learned": learned, "final": {"population": {"top1": top1[0]}, "batch": {"top1": top1[1]}}}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    (directory / "config.yaml").write_text(yaml.safe_dump({"normalizer": normalizer, "optim": {"lr": lr}}))
+
+
+def test_robustness_report_finds_the_largest_learning_rate_and_checks_the_default(tmp_path: Path) -> None:
+    runs, linear = tmp_path / "runs", {"name": "bkn", "transition": "linear"}
+    for seed in (0, 1):
+        for lr, bn, bkn in ((0.1, (98.0, 91.0), (97.0, 96.5)), (0.4, (93.0, 90.0), (40.0, 12.0))):
+            write_robustness_run(runs, "cifar_net", (16, 2), lr, {"name": "bn"}, seed, bn)
+            write_robustness_run(runs, "cifar_net", (16, 2), lr, linear, seed, bkn, learned=lr < 0.4)
+    report(runs, tmp_path / "out")
+    text = (tmp_path / "out" / "study_robustness.md").read_text()
+    assert "| (16, 2) | 0.4 | 93.0 / 90.0 (n=2) | 40.0 / 12.0* (n=2) |" in text  # * : did not learn
+    assert "| cifar_net | (16, 2) | 0.4 | 0.1 |" in text  # BN trains up to 0.4, the BKN up to 0.1
+    assert "| cifar_net | (16, 2) | 0.1 | 98.0 | 97.0 | yes |" in text
+    assert "| cifar_net | (16, 2) | 0.4 | 93.0 | 40.0 | **no** |" in text
+    assert (tmp_path / "out" / "study_robustness.png").stat().st_size > 0

@@ -95,3 +95,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+CHANCE_FACTOR = 1.5  # a top-1 no better than 1.5 x chance (15% with 10 classes) counts as chance
+
+
+def learning_verdict(metrics: list[dict[str, Any]], final: dict[str, dict[str, Any]],
+                     num_classes: int) -> str | None:
+    """Why a finished run did not learn, or ``None`` if it did: its last logged training loss is no
+    lower than its first, or its best final top-1 (over the inference options) is at chance."""
+    losses = [line["loss"] for line in metrics if line.get("kind") == "train" and line.get("loss") is not None]
+    reasons = []
+    if len(losses) >= 2 and losses[-1] >= losses[0]:
+        reasons.append(f"its training loss did not fall ({losses[0]:.3f} at the first log line, "
+                       f"{losses[-1]:.3f} at the last)")
+    top1 = [result["top1"] for result in final.values() if result.get("top1") is not None]
+    if top1 and max(top1) <= CHANCE_FACTOR * 100 / num_classes:
+        reasons.append(f"its final top-1 ({max(top1):.2f}%) is at chance ({100 / num_classes:.1f}% for "
+                       f"{num_classes} classes)")
+    return " and ".join(reasons) or None

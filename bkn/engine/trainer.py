@@ -28,7 +28,7 @@ from bkn.engine.distributed import process_group
 from bkn.engine.evaluate import EvalResult
 from bkn.engine.logging import RunLogger, WandbLogger
 from bkn.engine.loop import TrainingStopped, train
-from bkn.engine.records import RunRecord, read_summary
+from bkn.engine.records import RunRecord, learning_verdict, read_metrics, read_summary
 from bkn.engine.session import CHECKPOINT_FORMAT, Session, build_session
 
 log = logging.getLogger("bkn")
@@ -140,7 +140,8 @@ def _wandb(cfg: DictConfig, plan: Plan, config: dict[str, Any]) -> WandbLogger |
                        tags=tags, config=config)
 
 
-def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dict[str, Any]:
+def _summary(session: Session, status: str, final: dict[str, EvalResult],
+             learned: bool | None = None) -> dict[str, Any]:
     cfg, plan = session.cfg, session.plan
     return {
         "experiment": cfg.experiment_name,
@@ -161,6 +162,7 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
         "step": session.step,
         "epochs": session.step / plan.steps_per_epoch,
         "skipped_steps": session.skipped_steps,
+        "learned": learned,  # false: finished without learning (learning_verdict); null until finished
         "final": {inference: {"top1": result.top1, "top5": result.top5, "loss": result.loss,
                               "examples": result.examples} for inference, result in final.items()},
         "examples_per_s": (session.step * plan.gradient_batch_size / session.train_seconds
@@ -169,6 +171,17 @@ def _summary(session: Session, status: str, final: dict[str, EvalResult]) -> dic
         "num_parameters": session.num_parameters,
         "versions": {"torch": torch.__version__, "bkn": version("bkn")},
     }
+
+
+def _check_learned(session: Session, run_dir: Path, final: dict[str, EvalResult]) -> bool:
+    """Whether a finished run learned; warns with the likely causes when it did not."""
+    results = {inference: {"top1": result.top1} for inference, result in final.items()}
+    reason = learning_verdict(read_metrics(run_dir), results, session.num_classes)
+    if reason is not None:
+        log.warning("this run did not learn: %s. Likely causes: a learning rate too high for this normalizer "
+                    "and setting (optim.lr=%g; try a lower one or schedule.warmup_steps), too few steps, or "
+                    "a data problem; its record says learned: false", reason, session.cfg.optim.lr)
+    return reason is None
 
 
 def run(cfg: DictConfig, plan: Plan) -> None:
@@ -205,7 +218,10 @@ def run(cfg: DictConfig, plan: Plan) -> None:
             status = "diverged"
             raise
         finally:
-            record.write_summary(_summary(session, status, final))
+            learned = None
+            if status == "finished" and plan.world.is_main:
+                learned = _check_learned(session, record.run_dir, final)
+            record.write_summary(_summary(session, status, final, learned))
             if status == "preempted":  # before the logger closes: these lines belong in train.log too
                 log.warning("preempted by %s at step %d; checkpoint saved to %s. Run the same command again "
                             "(resume=auto) to continue.", stop.signal_name, session.step,

@@ -18,11 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from bkn import functional as BF
+from bkn.nn.context import ALONE, Alone, forward_in_context
 from bkn.nn.state import KalmanState, State
 
 Inference = Literal["population", "batch"]
 Transition = Literal["linear", "monte_carlo", "analytic"]
 StateFrom = Literal["output", "input"]
+
+LARGE_GROUP = 32  # statistics groups from this size up get the authors' large-batch gain
+GAIN_WARMUP = 100  # training batches over which BKN's gain falls from 1 (BN) to q
 
 
 class _GroupedNorm(nn.Module):
@@ -195,8 +199,14 @@ class KalmanNorm2d(_GroupedNorm):
 
     The default is the one the CPU study (results/study/README.md) supports at one example per group.
 
-    ``gain`` is ``q``, the weight of the observation (the authors' code weights the prior with
-    ``p = 1 - q``: 0.9 for micro-batches, 0.05 for large ones); ``q = 1`` is exactly BN. With
+    ``gain`` is ``q``, the weight of the observation; ``q = 1`` is exactly BN. ``None`` (default) is the
+    authors' rule by statistics group size: ``q = 0.1`` for groups of fewer than 32 examples, 0.95 from
+    32 (their code weights the prior with ``p = 1 - q``: 0.9 for micro-batches, 0.05 for large ones).
+    ``gain_warmup`` starts the layer as BN, as BRN starts as BN: over its first ``gain_warmup``
+    training batches (counted by ``num_batches_tracked``) the gain falls linearly from 1 to ``q``, so
+    the prior gets its weight once the network's scale has settled (docs/normalizers.md, "Why the
+    linear transition died"). 0 switches it off; without running statistics there is no count and
+    no warm-up. With
     ``fallback``, a group whose predicted variance is ``fallback_ratio`` times its observed one on
     average falls back to its observation, as in the authors' code.
 
@@ -215,23 +225,26 @@ class KalmanNorm2d(_GroupedNorm):
     carries_state = True
 
     def __init__(self, num_features: int, statistics_batch_size: int | None = None, *,
-                 in_features: int | None = None, transition: Transition = "linear", gain: float = 0.1,
-                 learn_gain: bool = False, fallback: bool = True, fallback_ratio: float = 100.0,
-                 monte_carlo_size: int = 8, state_from: StateFrom = "output", propagate: bool = True,
-                 **kwargs: Any) -> None:
+                 in_features: int | None = None, transition: Transition = "linear", gain: float | None = None,
+                 gain_warmup: int = GAIN_WARMUP, learn_gain: bool = False, fallback: bool = True,
+                 fallback_ratio: float = 100.0, monte_carlo_size: int = 8, state_from: StateFrom = "output",
+                 propagate: bool = True, **kwargs: Any) -> None:
         if transition not in ("linear", "monte_carlo", "analytic"):
             raise ValueError(f"transition must be 'linear', 'monte_carlo' or 'analytic', got {transition!r}")
         if state_from not in ("output", "input"):
             raise ValueError(f"state_from must be 'output' or 'input' (the authors' code), got {state_from!r}")
         if not propagate and transition != "linear":
             raise ValueError("propagate=false is an ablation of the linear transition; use transition=linear")
+        gain = default_gain(statistics_batch_size) if gain is None else gain
         if not 0.0 <= gain <= 1.0 or (learn_gain and gain in (0.0, 1.0)):
             raise ValueError(f"gain must lie in [0, 1] (in (0, 1) with learn_gain=true), got {gain}")
+        if gain_warmup < 0:
+            raise ValueError(f"gain_warmup must be >= 0 training batches (0: no warm-up), got {gain_warmup}")
         if monte_carlo_size < 1:
             raise ValueError(f"monte_carlo_size must be >= 1, got {monte_carlo_size}")
         super().__init__(num_features, statistics_batch_size, **kwargs)
         self.in_features, self.transition = in_features, transition
-        self.initial_gain, self.learn_gain = gain, learn_gain
+        self.initial_gain, self.learn_gain, self.gain_warmup = gain, learn_gain, gain_warmup
         self.fallback, self.fallback_ratio = fallback, fallback_ratio
         self.monte_carlo_size = monte_carlo_size
         self.state_from, self.propagate = state_from, propagate
@@ -263,11 +276,19 @@ class KalmanNorm2d(_GroupedNorm):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", in_features={self.in_features}, transition={self.transition!r}, "
-                f"gain={self.initial_gain}, learn_gain={self.learn_gain}, fallback={self.fallback}, "
+                f"gain={self.initial_gain}, gain_warmup={self.gain_warmup}, learn_gain={self.learn_gain}, "
+                f"fallback={self.fallback}, "
                 f"state_from={self.state_from!r}" + ("" if self.propagate else ", propagate=False"))
 
     def current_gain(self) -> Tensor:
-        return torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
+        """The gain of this forward pass: ``q``, or during the warm-up between 1 and ``q`` (also in eval
+        mode with option A, which runs the filter as training at the same point would)."""
+        gain = torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
+        if not (self.gain_warmup and self.num_batches_tracked is not None):
+            return gain
+        # A tensor expression of the batch count, not a Python branch on it: no host sync.
+        progress = (self.num_batches_tracked.to(gain.dtype) / self.gain_warmup).clamp(max=1.0)
+        return 1 - (1 - gain) * progress
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
         """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
@@ -290,7 +311,9 @@ class KalmanNorm2d(_GroupedNorm):
                 mean, var = BF.monte_carlo_transition(previous.mean, previous.var, conv, self.monte_carlo_size)
         return KalmanState(mean, var)
 
-    def forward(self, x: Tensor, prior: State = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, prior: State | Alone = ALONE) -> tuple[Tensor, State] | Tensor:
+        if prior is ALONE:  # layer(x), in a converted model: the prior comes from its context; returns y alone
+            return forward_in_context(self, x)
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x), None
@@ -383,6 +406,14 @@ class GroupNorm2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"GroupNorm2d was built for (N, {self.num_features}, H, W) input, got shape {tuple(x.shape)}")
         return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def default_gain(statistics_batch_size: int | None) -> float:
+    """The authors' gain by statistics group size: 0.1 below 32 examples a group, 0.95 from 32 (and
+    for one group of the whole batch, ``None``)."""
+    if statistics_batch_size is not None and statistics_batch_size < LARGE_GROUP:
+        return 0.1
+    return 0.95
 
 
 NORMALIZERS: dict[str, type[nn.Module]] = {"bn": BatchNorm2d, "brn": BatchRenorm2d, "bkn": KalmanNorm2d,
