@@ -104,9 +104,18 @@ fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~10 min on 2 CPU cores)
 
 PART ?= all
-study: setup  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16_s1_seed0..2|g8_s2_seed0..2|hard_g64|hard_g32_s1|state|stall|robustness_<model>_seed0..1|robustness|all; <= ~75 min a part, quick ~10)
+study: setup $(if $(filter fashion%,$(PART)),data-fashion)  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16_s1_seed0..2|g8_s2_seed0..2|hard_g64|hard_g32_s1|state|stall|robustness_<model>_seed0..1|robustness|all; Fashion-MNIST: PART=fashion_quick|fashion_{baseline,g16_s1,g8_s2}_seed0..2|fashion_all; <= ~75 min a part, quick ~10)
 	$(PY) scripts/study.py $(PART) $(ARGS)
 	$(PY) scripts/study_report.py
+
+# --- make data-fashion: Fashion-MNIST's four IDX files from the Debian / Ubuntu package (docs/data.md) ---
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+.PHONY: data-fashion
+data-fashion:  ## install Fashion-MNIST (apt package dataset-fashion-mnist, into the default data.root; as root, else prints the command)
+	@if [ -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST is installed in $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y dataset-fashion-mnist; \
+	else echo "run as root: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; \
+	echo "(or, with internet: python train.py data=fashion_mnist data.root=data data.download=true ...)"; exit 1; fi
 
 # --- make demo: BN vs BKN at a micro-batch setting on the bundled digits, on a CPU (docs/training.md) ---
 # (configs/experiment/demo.yaml holds its settings, so its run names carry no override hash)

@@ -82,7 +82,7 @@ RUN_DEFINING_KEYS = ("model", "normalizer", "data", "batch", "train.steps", "tra
 # How the data is read. Which data (data.name, data.root, its size, subset and options) defines the run.
 NOT_RUN_DEFINING_KEYS = ("data.download", "data.num_workers")
 # What config.yaml's run_name shows: overriding these needs no suffix.
-NAME_KEYS = ("model", "model.name", "model.width", "model.arch", "normalizer", "normalizer.name",
+NAME_KEYS = ("model", "model.name", "model.width", "model.arch", "model.depth", "normalizer", "normalizer.name",
              "normalizer.transition", "batch.gradient", "batch.statistics", "seed")
 
 
@@ -194,9 +194,10 @@ def normalizer_label(normalizer: DictConfig) -> str:
 
 
 def model_label(model: DictConfig) -> str:
-    """How a model appears in run names: its name, with its width when widened (``cifar_net-w1.17``)
-    and a timm model's architecture (``timm-resnet18``)."""
+    """How a model appears in run names: its name, with its width when widened (``cifar_net-w1.17``),
+    a timm model's architecture (``timm-resnet18``) and a pre-activation ResNet's depth (``preact_resnet-d14``)."""
     name = f"{model.name}-{model.arch}" if "arch" in model else model.name
+    name = f"{name}-d{model.depth}" if "depth" in model else name
     width = model.get("width", 1.0)
     return name if width == 1.0 else f"{name}-w{width:g}"
 

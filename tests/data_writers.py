@@ -1,12 +1,14 @@
-"""Writers of tiny data sets in the exact on-disk formats bkn reads: CIFAR-10/100 python pickles
-and ImageNet-style class folders of real JPEG files. Plain functions, reused by several test files.
+"""Writers of tiny data sets in the exact on-disk formats bkn reads: CIFAR-10/100 python pickles,
+Fashion-MNIST's IDX files and ImageNet-style class folders of real JPEG files. Plain functions, reused by several test files.
 
 Each writer returns what it wrote, so a test can compare what bkn loads against it.
 """
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -98,4 +100,35 @@ def write_image_folders(
                 path = folder / f"{wnid}_{i}.JPEG"
                 Image.new("RGB", size, rgb).save(path, "JPEG", quality=95)
                 written[split].append((path, class_index, rgb))
+    return written
+
+
+IDX_UNSIGNED_BYTE = 0x08
+
+
+def _write_idx(path: Path, array: np.ndarray, gzipped: bool) -> None:
+    # The IDX format (yann.lecun.com/exdb/mnist): bytes 0, 0, the type code, the number of
+    # dimensions; one big-endian uint32 per dimension; then the data, row-major.
+    content = bytes((0, 0, IDX_UNSIGNED_BYTE, array.ndim)) + struct.pack(f">{array.ndim}I", *array.shape)
+    content += array.astype(np.uint8).tobytes()
+    if gzipped:
+        Path(f"{path}.gz").write_bytes(gzip.compress(content))
+    else:
+        path.write_bytes(content)
+
+
+def write_fashion_mnist(root: Path, train_per_class: int = 3, test_size: int = 7, gzipped: bool = True,
+                        seed: int = 0) -> Written:
+    """Write Fashion-MNIST's four IDX files (``train-images-idx3-ubyte[.gz]``, ...) into ``root``; the
+    training split has ``train_per_class`` images of each of the 10 classes, shuffled. Returns
+    ``{"train": (images (N, 28, 28) uint8, labels (N,)), "test": ...}`` in file order."""
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, prefix, labels in (("train", "train", rng.permutation(np.repeat(np.arange(10), train_per_class))),
+                                  ("test", "t10k", rng.integers(0, 10, size=test_size))):
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        _write_idx(Path(root) / f"{prefix}-images-idx3-ubyte", images, gzipped)
+        _write_idx(Path(root) / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8), gzipped)
+        written[split] = (images, labels)
     return written

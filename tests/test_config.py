@@ -58,7 +58,7 @@ def test_every_combination_composes() -> None:
 
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
 def test_every_model_validates_at_its_paper_size(model: str) -> None:
-    size = 32 if model in ("cifar_net", "preact_resnet32", "preact_resnet110") else 224
+    size = 32 if model in ("cifar_net", "preact_resnet", "preact_resnet32", "preact_resnet110") else 224
     plan = validate(compose_config([f"model={model}", "data=synthetic", f"data.image_size={size}"]),
                     environ={})
     assert plan.image_size == size
@@ -225,3 +225,8 @@ def test_readme_docs_and_configs_point_at_nothing_outside_the_project() -> None:
                for number, line in enumerate(path.read_text().splitlines(), 1)
                if "../shared" in line or "shared/design" in line or "/work/" in line]
     assert len(files) > 20 and outside == []
+
+
+def test_a_preact_resnet_depth_is_shown_in_the_run_name_not_hashed() -> None:
+    overrides = ["model=preact_resnet", "model.depth=14"]
+    assert run_name(compose_config(overrides), overrides) == "preact_resnet-d14_bkn-linear_g16_s2_seed0"

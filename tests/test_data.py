@@ -179,7 +179,7 @@ def test_synthetic_is_deterministic_and_learnable():
 # --- configuration errors ------------------------------------------------------------------------
 
 def test_unknown_name_lists_the_choices():
-    choices = r"unknown data set 'mnist'; choose data=\.\.\. from cifar10, cifar100, imagenet, digits, synthetic"
+    choices = r"unknown data set 'mnist'; choose data=\.\.\. from cifar10, cifar100, imagenet, digits, fashion_mnist, synthetic"
     with pytest.raises(DataError, match=choices):
         build_datasets("mnist")
 

@@ -323,3 +323,39 @@ def test_a_model_in_float64_float16_or_bfloat16_trains_and_evaluates_like_float3
         if training:
             got.float().logsumexp(1).sum().backward()
             assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("depth", [8, 14])
+def test_preact_resnet_of_any_depth_6n_plus_2_takes_one_channel(depth):
+    model = build_model("preact_resnet", 10, NORMS["bkn-linear"], 28, depth=depth, in_channels=1)
+    blocks = (depth - 2) // 6
+    assert len(model.blocks) == 3 * blocks  # three stages of n blocks: 2 convs each, + stem and classifier
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) + 1 == depth and convs[0].in_channels == 1
+    logits = model(torch.randn(4, 1, 28, 28))  # 28 -> 14 -> 7: the odd size halves like the conv
+    logits.sum().backward()
+    assert logits.shape == (4, 10)
+
+
+def test_the_authors_depths_are_aliases_of_preact_resnet():
+    for name, depth in (("preact_resnet32", 32), ("preact_resnet110", 110)):
+        with torch.device("meta"):
+            alias, general = (build_model(n, 10, "bn", 32, **o) for n, o in ((name, {}), ("preact_resnet", {"depth": depth})))
+        assert [(k, v.shape) for k, v in alias.state_dict().items()] == \
+               [(k, v.shape) for k, v in general.state_dict().items()]
+
+
+@pytest.mark.parametrize("depth", [2, 15, 0])
+def test_a_depth_not_6n_plus_2_is_refused_in_one_line(depth):
+    with pytest.raises(ValueError, match=rf"^model.depth={depth}: a pre-activation ResNet has depth 6n \+ 2"):
+        build_model("preact_resnet", 10, "bn", 32, depth=depth)
+
+
+def test_summary_lists_preact_resnet_at_the_depth_asked(capsys):
+    summary_main(["preact_resnet", "--depth", "14", "--norm", "bn", "--image-size", "28"])
+    line = capsys.readouterr().out.splitlines()[2]
+    model = build_model("preact_resnet", 10, "bn", 28, depth=14)
+    assert line.startswith("| preact_resnet-d14 | bn | 28x28 |") and f"| {count_parameters(model):,} (" in line
+    with pytest.raises(SystemExit):
+        summary_main(["preact_resnet", "--depth", "16"])
+    assert "model.depth=16" in capsys.readouterr().err

@@ -53,14 +53,16 @@ def test_every_part_runs_every_setting_variant_and_seed_once_on_the_same_example
                 examples = part.steps * gradient if part.steps else part.epochs * study.TRAIN_EXAMPLES[part.data]
                 assert int(settings["normalizer.relax_steps"]) == round(0.4 * examples / gradient)
     assert {v for p in ("g32_s2", "g16_s1_seed0") for v in study.PARTS[p].variants} >= set(study.ABLATIONS)
-    for setting in ("g16_s1", "g8_s2"):  # split by seed, the parts together hold 3 seeds
+    for setting in ("g16_s1", "g8_s2", "fashion_baseline", "fashion_g16_s1", "fashion_g8_s2"):  # one seed a part
         assert sorted(seed for name, part in study.PARTS.items() if name.startswith(setting + "_")
                       for seed in part.seeds) == [0, 1, 2]
 
 
 def test_the_training_set_sizes_the_study_assumes_are_the_data_sets_own() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        for data in study.TRAIN_EXAMPLES:
+        fashion = compose("config", overrides=["experiment=study_fashion", "data=fashion_mnist"]).data
+        assert fashion.train_size == study.TRAIN_EXAMPLES["fashion_mnist"]  # the files: tests/test_fashion_mnist.py
+        for data in set(study.TRAIN_EXAMPLES) - {"fashion_mnist"}:
             options = compose("config", overrides=[f"data={data}"]).data
             extra = {k: v for k, v in options.items() if k not in ("name", "root", "download", "num_workers", "image_size")}
             assert len(build_datasets(options.name, image_size=options.image_size, **extra).train) == study.TRAIN_EXAMPLES[data]
@@ -82,7 +84,21 @@ def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
                 else:
                     assert plan.train_epochs == part.epochs and plan.train_steps is None, spec.name
                 assert plan.run_dir == tmp_path / part.experiment / spec.name
-                assert cfg.data.name == "digits" and cfg.model.name == part.model
+                if part.data == "fashion_mnist":
+                    assert cfg.model.name == "preact_resnet" and cfg.data.train_size == study.TRAIN_EXAMPLES[part.data]
+                    assert plan.eval_batch_size % plan.statistics_batch_size == 0
+                else:
+                    assert cfg.data.name == "digits" and cfg.model.name == part.model
+
+
+def test_all_runs_the_digits_parts_and_fashion_all_the_fashion_grid() -> None:
+    assert set(study.DIGITS_PARTS) | set(study.FASHION_PARTS) | {"quick", "fashion_quick"} == set(study.PARTS)
+    assert not set(study.DIGITS_PARTS) & set(study.FASHION_PARTS)
+    grid = {(s, v, seed) for name in study.FASHION_PARTS for part in [study.PARTS[name]]
+            for s in part.settings for v in part.variants for seed in part.seeds}
+    assert len(grid) == 3 * len(study.FASHION) * 3  # 3 settings x the variants x 3 seeds, each once
+    assert {part.settings[0] for name in study.FASHION_PARTS for part in [study.PARTS[name]]} == \
+        {study.FASHION_LARGE, *study.FASHION_MICRO}
 
 
 def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str],

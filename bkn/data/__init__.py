@@ -11,6 +11,7 @@ from typing import Any
 from bkn.data.base import DataError, Datasets, ImageTensorDataset
 from bkn.data.cifar import build_cifar
 from bkn.data.digits import build_digits
+from bkn.data.fashion_mnist import build_fashion_mnist
 from bkn.data.folder import build_folder
 from bkn.data.imagenet import build_imagenet
 from bkn.data.loaders import build_loader, measure_loader_throughput, set_epoch
@@ -24,6 +25,7 @@ BUILDERS: dict[str, Callable[..., Datasets]] = {
     "cifar100": partial(build_cifar, "cifar100"),
     "imagenet": build_imagenet,
     "digits": build_digits,
+    "fashion_mnist": build_fashion_mnist,
     "synthetic": build_synthetic,
     "folder": build_folder,
 }

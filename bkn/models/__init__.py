@@ -24,7 +24,8 @@ PAPER_MODELS: dict[str, Builder] = {
     "cifar_net": cifar_net.cifar_net,
     "inception_v2": inception_v2.inception_v2,
     **{name: partial(resnet.resnet, name) for name in resnet.LAYOUTS},
-    **{name: partial(preact_resnet.preact_resnet, name) for name in preact_resnet.DEPTHS},
+    "preact_resnet": preact_resnet.preact_resnet,
+    **{name: partial(preact_resnet.preact_resnet_alias, name) for name in preact_resnet.DEPTHS},
 }
 MODELS: dict[str, Builder] = {**PAPER_MODELS, "timm": timm_models.timm_model,
                                "torchvision": torchvision_models.torchvision_model}
@@ -37,7 +38,7 @@ class PaperInput(NamedTuple):
 
 # What each network classifies in the paper: 224x224 ImageNet crops or 32x32 CIFAR-10 images.
 PAPER_INPUT: dict[str, PaperInput] = {
-    name: PaperInput(32, 10) if name in ("cifar_net", *preact_resnet.DEPTHS) else PaperInput(224, 1000)
+    name: PaperInput(32, 10) if name in ("cifar_net", "preact_resnet", *preact_resnet.DEPTHS) else PaperInput(224, 1000)
     for name in PAPER_MODELS
 }
 

@@ -22,7 +22,7 @@ from bkn.models.blocks import NormAct, build_transition, check_image_size, init_
 from bkn.nn import ConvNormAct, NormSpec, State, add_states
 
 TOTAL_STRIDE = 4
-DEPTHS = {"preact_resnet32": 32, "preact_resnet110": 110}
+DEPTHS = {"preact_resnet32": 32, "preact_resnet110": 110}  # the authors' two, built by name (aliases)
 
 
 class PreActBlock(nn.Module):
@@ -53,8 +53,9 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int, norm: NormSpec, in_channels: int = 3) -> None:
         super().__init__()
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"a pre-activation ResNet has depth 6n + 2, got depth={depth}")
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"model.depth={depth}: a pre-activation ResNet has depth 6n + 2 with n >= 1 "
+                             f"(8, 14, 20, 32, 56, 110, ...)")
         blocks_per_stage = (depth - 2) // 6
         self.stem = ConvNormAct(in_channels, 16, 3, norm, first=True)
         blocks, channels = [], 16
@@ -77,7 +78,14 @@ class PreActResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def preact_resnet(name: str, num_classes: int, norm: NormSpec, image_size: int, in_channels: int = 3) -> PreActResNet:
-    """The authors' network of depth ``DEPTHS[name]``."""
-    check_image_size(name, image_size, TOTAL_STRIDE)
-    return PreActResNet(DEPTHS[name], num_classes, norm, in_channels)
+def preact_resnet(num_classes: int, norm: NormSpec, image_size: int, depth: int = 32,
+                  in_channels: int = 3) -> PreActResNet:
+    """The network of any depth ``6n + 2`` (``model=preact_resnet model.depth=14``)."""
+    check_image_size(f"preact_resnet{depth}", image_size, TOTAL_STRIDE)
+    return PreActResNet(depth, num_classes, norm, in_channels)
+
+
+def preact_resnet_alias(name: str, num_classes: int, norm: NormSpec, image_size: int,
+                        in_channels: int = 3) -> PreActResNet:
+    """The authors' network of depth ``DEPTHS[name]``, by name (``model=preact_resnet32``)."""
+    return preact_resnet(num_classes, norm, image_size, DEPTHS[name], in_channels)

@@ -59,15 +59,17 @@ def count_macs(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
 
 
 def summarize(name: str, norms: Mapping[str, Mapping[str, Any]], image_size: int | None = None,
-              num_classes: int | None = None) -> list[dict[str, Any]]:
-    """One row per normalizer: ``{"model", "norm", "parameters", "macs", "image_size"}``."""
+              num_classes: int | None = None, options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per normalizer: ``{"model", "norm", "parameters", "macs", "image_size"}``; ``options``
+    are the model's own (``{"depth": 14}`` for preact_resnet, shown in the model's name)."""
     image_size = image_size or PAPER_INPUT[name].image_size
     num_classes = num_classes or PAPER_INPUT[name].num_classes
     rows = []
     for label, norm in norms.items():
         with torch.device("meta"):
-            model = build_model(name, num_classes, norm, image_size)
-        rows.append({"model": name, "norm": label, "parameters": count_parameters(model),
+            model = build_model(name, num_classes, norm, image_size, **(options or {}))
+        shown = f"{name}-d{options['depth']}" if options and "depth" in options else name
+        rows.append({"model": shown, "norm": label, "parameters": count_parameters(model),
                      "macs": count_macs(model, image_size), "image_size": image_size})
     return rows
 
