@@ -1,12 +1,13 @@
 """Training-step speed and peak memory of BN, BRN and BKN, and the input pipeline's speed (issue 6).
 
-Every variant (one model with one normalizer) is built and warmed up, then all are timed
+Every variant (one model with one normalizer, eager or compiled) is built and warmed up, then all are timed
 round-robin: each repeat runs ``steps`` training steps (forward, backward, SGD step on random data
 of the model's input shape) of every variant in turn, starting one variant later each repeat, so
 a drift of the shared machine hits all variants alike. The report gives the median examples/s and
 its min/max over repeats (on CPU also examples per CPU-second of this process, which other
-processes on the machine disturb far less), the ratio to our BN with one group, the targets with
-pass/fail, and the input pipeline's examples/s; it is written to ``results/benchmark/<device>.md``
+processes on the machine disturb far less), the median step time, the ratio to the setting's
+baseline (our BN with one group; torch.nn.BatchNorm2d in the micro-batch presets), the targets with
+pass/fail, and the input pipeline's examples/s; it is written to ``results/benchmark/<preset>.md``
 and ``.csv`` (or to ``--output``).
 
 Peak memory of one training step is the variant's resident tensors (parameters, buffers, optimizer
@@ -18,6 +19,7 @@ state, the batch) plus the most that the step allocates on top of them:
 Neither counts allocator caches or library workspaces, which are not tensors.
 
     python scripts/benchmark.py --preset cpu
+    python scripts/benchmark.py --preset micro --repeats 3 --steps 5   # a quick look during development
     python scripts/benchmark.py --model cifar_net --norms bn,bkn_analytic --batch 32 --statistics 2
 """
 
@@ -39,6 +41,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +69,7 @@ VARIANTS: dict[str, Callable[[int], NormSpec]] = {
     "bkn_monte_carlo": lambda statistics: {"name": "bkn", "statistics_batch_size": statistics,
                                            "transition": "monte_carlo"},
     "bkn_analytic": lambda statistics: {"name": "bkn", "statistics_batch_size": statistics, "transition": "analytic"},
+    "gn": lambda statistics: {"name": "gn"},  # bkn.nn.GroupNorm2d: torch's group_norm kernel, no statistics groups
 }
 BASELINE = "bn"
 BKN_VARIANTS = ("bkn_linear", "bkn_monte_carlo", "bkn_analytic")
@@ -81,6 +85,17 @@ def data_set_of(model: str) -> str:
 # --- what is measured -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Target:
+    """``variant`` relative to ``reference`` in the same setting: speed ratio >= bound, step time or
+    memory ratio <= bound."""
+
+    variant: str
+    reference: str
+    metric: Literal["speed", "time", "memory"]
+    bound: float
+
+
+@dataclass(frozen=True)
 class Setting:
     """One model at one batch: ``batch`` examples per device, statistics groups of ``statistics``."""
 
@@ -91,9 +106,15 @@ class Setting:
     statistics: int
     variants: tuple[str, ...]
 
+    compile_mode: str | None = None  # torch.compile's mode ("default", "reduce-overhead"); None: eager
+    baseline: str = BASELINE  # the variant every ratio of this setting divides by
+    targets: tuple[Target, ...] | None = None  # None: the device's (targets_for)
+
     @property
     def label(self) -> str:
-        return f"{self.model} {self.image_size}x{self.image_size}, batch {self.batch}, statistics {self.statistics}"
+        mode = "" if self.compile_mode is None else f", torch.compile (mode={self.compile_mode})"
+        return (f"{self.model} {self.image_size}x{self.image_size}, batch {self.batch}, "
+                f"statistics {self.statistics}{mode}")
 
 
 @dataclass(frozen=True)
@@ -102,23 +123,12 @@ class Options:
     warmup: int  # untimed steps per variant (compilation, allocator and oneDNN caches)
     steps: int  # timed steps per variant per repeat
     repeats: int
-    compile: bool = False
     amp: bool = False  # bfloat16 autocast
     channels_last: bool = False
     loaders: tuple[str, ...] = ()  # data sets whose input pipeline is measured
     loader_batches: int = 10
     loader_workers: int = 2
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Target:
-    """``variant`` relative to ``reference`` in the same setting: speed ratio >= bound, memory ratio <= bound."""
-
-    variant: str
-    reference: str
-    metric: Literal["speed", "memory"]
-    bound: float
 
 
 def targets_for(device_type: str) -> list[Target]:
@@ -132,16 +142,38 @@ def targets_for(device_type: str) -> list[Target]:
     return targets
 
 
+def micro_settings(compile_mode: str) -> tuple[Setting, ...]:
+    """The paper's micro-batch regime on its CIFAR network, against torch.nn.BatchNorm2d (issue 19):
+    (8, 2) and (16, 1) at 32x32, (8, 2) at 8x8 (the digits study), and (8, 2) compiled.
+    The bounds are step-time ratios to torch.nn.BatchNorm2d in the same setting."""
+    variants = ("torch_bn", "gn", "bn", "bn_groups", "brn", *BKN_VARIANTS)
+
+    def bounds(**time_ratio: float) -> tuple[Target, ...]:
+        return tuple(Target(variant, "torch_bn", "time", bound) for variant, bound in time_ratio.items())
+
+    micro = partial(Setting, "preact_resnet32", num_classes=10, variants=variants, baseline="torch_bn")
+    return (micro(image_size=32, batch=8, statistics=2,
+                  targets=bounds(bn_groups=1.05, brn=1.08, bkn_linear=1.10, bkn_analytic=1.15, bkn_monte_carlo=1.35)),
+            micro(image_size=32, batch=16, statistics=1, targets=()),
+            micro(image_size=8, batch=8, statistics=2, targets=bounds(bn_groups=1.15, bkn_linear=1.30)),
+            micro(image_size=32, batch=8, statistics=2, compile_mode=compile_mode,
+                  targets=bounds(bn_groups=1.05, bkn_linear=1.10)))
+
+
 PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
     # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU. A step takes 10-15 s there, so
     # 5 steps per variant (warm-up, memory, 3 timed) keep the run under 10 minutes on an idle machine.
-    "cpu": ((Setting("cifar_net", 32, 10, 128, 2, tuple(VARIANTS)),),
+    "cpu": ((Setting("cifar_net", 32, 10, 128, 2, ("torch_bn", *(v for v in VARIANTS if v not in ("torch_bn", "gn")))),),
             Options("cpu", warmup=1, steps=1, repeats=3, loaders=("cifar10", "imagenet"))),
     # InceptionV2 at (256, 32), 32 per device (8 GPUs), and with statistics groups of 4.
     "gpu": ((Setting("inception_v2", 224, 1000, 32, 32, ("torch_bn", "bn", "bn_groups", *BKN_VARIANTS)),
              Setting("inception_v2", 224, 1000, 32, 4, ("bn", "bn_groups", "brn", *BKN_VARIANTS))),
             Options("cuda", warmup=10, steps=20, repeats=7, amp=True, channels_last=True,
                     loaders=("imagenet",), loader_workers=8)),
+    # Micro-batches, one thread (OMP_NUM_THREADS=1): 20 steps of 20-80 ms per variant and repeat.
+    "micro": (micro_settings("default"), Options("cpu", warmup=3, steps=20, repeats=7)),
+    # The same on one GPU, compiled with CUDA graphs: there a micro-batch step is bound by kernel launches.
+    "micro_gpu": (micro_settings("reduce-overhead"), Options("cuda", warmup=10, steps=50, repeats=7)),
 }
 
 
@@ -264,8 +296,9 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     eager_step = make_train_step(model, optimizer, inputs, targets, options.amp)
     step = eager_step
-    if options.compile:  # static shapes, as train.py compiles
-        step = make_train_step(torch.compile(model, dynamic=False), optimizer, inputs, targets, options.amp)
+    if setting.compile_mode is not None:  # static shapes, as train.py compiles
+        compiled = torch.compile(model, dynamic=False, mode=setting.compile_mode)
+        step = make_train_step(compiled, optimizer, inputs, targets, options.amp)
     for _ in range(options.warmup):
         step()
     synchronize(device)
@@ -389,20 +422,23 @@ def rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
     """One flat record per candidate: the CSV's rows and the Markdown tables' source."""
     records = []
     for c in candidates:
-        baseline = find(candidates, c.setting, BASELINE)
+        baseline = find(candidates, c.setting, c.setting.baseline)
         records.append({
             "model": c.setting.model, "image_size": c.setting.image_size, "batch": c.setting.batch,
-            "statistics": c.setting.statistics, "variant": c.variant,
+            "statistics": c.setting.statistics, "compile_mode": c.setting.compile_mode or "", "variant": c.variant,
             "normalizer": "torch.nn.BatchNorm2d" if c.variant == "torch_bn"
             else " ".join(f"{k}={v}" for k, v in VARIANTS[c.variant](c.setting.statistics).items()),
+            "baseline": c.setting.baseline,
+            "step_ms_median": round(1000 * c.setting.batch / median(c), 3),
             "examples_per_s_median": round(median(c), 3), "examples_per_s_min": round(min(c.examples_per_s), 3),
             "examples_per_s_max": round(max(c.examples_per_s), 3),
-            "speed_vs_bn": round(median(c) / median(baseline), 4) if baseline else "",
+            "spread": round((max(c.examples_per_s) - min(c.examples_per_s)) / median(c), 4),
+            "speed_vs_baseline": round(median(c) / median(baseline), 4) if baseline else "",
             "examples_per_cpu_s_median": round(median(c, "examples_per_cpu_s"), 3),
-            "cpu_speed_vs_bn": round(median(c, "examples_per_cpu_s") / median(baseline, "examples_per_cpu_s"), 4)
+            "cpu_speed_vs_baseline": round(median(c, "examples_per_cpu_s") / median(baseline, "examples_per_cpu_s"), 4)
             if baseline else "",
             "peak_memory_mib": round(c.peak_memory_bytes / 2**20, 2),
-            "memory_vs_bn": round(c.peak_memory_bytes / baseline.peak_memory_bytes, 4) if baseline else "",
+            "memory_vs_baseline": round(c.peak_memory_bytes / baseline.peak_memory_bytes, 4) if baseline else "",
         })
     return records
 
@@ -420,7 +456,7 @@ class Check:
     @property
     def text(self) -> str:
         t = self.target
-        what = "examples/s >=" if t.metric == "speed" else "peak memory <="
+        what = {"speed": "examples/s >=", "time": "step time <=", "memory": "peak memory <="}[t.metric]
         return f"{t.variant} {what} {t.bound} x {t.reference}"
 
 
@@ -428,13 +464,15 @@ def check_targets(candidates: list[Candidate], settings: list[Setting], device_t
     """Every target whose two variants were measured in the same setting, with its ratios."""
     checks = []
     for setting in settings:
-        for target in targets_for(device_type):
+        for target in targets_for(device_type) if setting.targets is None else setting.targets:
             measured, reference = find(candidates, setting, target.variant), find(candidates, setting, target.reference)
             if measured is None or reference is None:
                 continue
-            if target.metric == "speed":
-                checks.append(Check(setting, target, median(measured) / median(reference),
-                                    median(measured, "examples_per_cpu_s") / median(reference, "examples_per_cpu_s")))
+            if target.metric != "memory":
+                speed, cpu_speed = (median(measured) / median(reference),
+                                    median(measured, "examples_per_cpu_s") / median(reference, "examples_per_cpu_s"))
+                ratios = (speed, cpu_speed) if target.metric == "speed" else (1 / speed, 1 / cpu_speed)
+                checks.append(Check(setting, target, *ratios))
             else:
                 checks.append(Check(setting, target, measured.peak_memory_bytes / reference.peak_memory_bytes, None))
     return checks
@@ -454,7 +492,7 @@ def markdown_table(header: list[str], body: list[list[Any]]) -> list[str]:
 
 
 def write_csv(path: Path, records: list[dict[str, Any]], options: Options, machine: dict[str, str]) -> None:
-    run = {"device": options.device, "compile": options.compile, "amp": options.amp,
+    run = {"device": options.device, "amp": options.amp,
            "channels_last": options.channels_last, "warmup": options.warmup, "steps": options.steps,
            "repeats": options.repeats, **machine}
     with open(path, "w", newline="") as file:
@@ -486,12 +524,16 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
         f"- Machine: {machine['cpu']}; GPU: {machine['gpu']}; load average (1 min) {load_at_start:.1f} at the "
         f"start, {load_at_end:.1f} at the end{shared}.",
         f"- Versions: python {machine['python']}, torch {machine['torch']}, bkn {machine['bkn']}.",
-        f"- Mode: {'torch.compile' if options.compile else 'eager'}, {'bf16 autocast' if options.amp else 'fp32'}, "
+        f"- Mode: eager unless the setting says torch.compile, {'bf16 autocast' if options.amp else 'fp32'}, "
         f"{'channels_last' if options.channels_last else 'contiguous'}; random data; SGD with momentum.",
         f"- Timing: {options.warmup} warm-up step(s) per variant, then {options.repeats} repeats of "
-        f"{options.steps} step(s) per variant, interleaved round-robin; examples/s median (min-max over repeats).",
+        f"{options.steps} step(s) per variant, interleaved round-robin (every setting's variants in one rotation); "
+        "examples/s median (min-max over repeats); `step ms` is the median step time by the wall clock; "
+        "`spread` is (max - min) / median of the repeats' examples/s.",
         f"- Peak memory: {memory_note}.",
-        "- `vs bn`: ratio to our BatchNorm2d with one statistics group in the same setting.",
+        "- `vs <baseline>`: examples/s (or memory) relative to the setting's baseline variant in the same run: "
+        "our BatchNorm2d with one statistics group (`bn`) or torch.nn.BatchNorm2d (`torch_bn`). "
+        "A step-time target's ratio is the inverse of the examples/s ratio.",
     ]
     if on_cpu:
         lines.append("- `per CPU-s`: examples per second of CPU time of this process (all threads, user + system). "
@@ -499,13 +541,15 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
                      "its ratios turn to noise; CPU time counts the work done (and threads' spin-waits) and stays "
                      "comparable. On an idle machine both clocks rank the variants alike.")
     lines.append("")
-    header = ["variant", "normalizer", "examples/s", "min-max", "vs bn",
-              *(["per CPU-s", "vs bn"] if on_cpu else []), "peak MiB", "vs bn"]
     for setting in settings:
-        body = [[r["variant"], r["normalizer"], f"{r['examples_per_s_median']:.1f}",
-                 f"{r['examples_per_s_min']:.1f}-{r['examples_per_s_max']:.1f}", ratio_text(r["speed_vs_bn"]),
-                 *([f"{r['examples_per_cpu_s_median']:.2f}", ratio_text(r["cpu_speed_vs_bn"])] if on_cpu else []),
-                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_bn"])]
+        versus = f"vs {setting.baseline}"
+        header = ["variant", "normalizer", "step ms", "examples/s", "min-max", "spread", versus,
+                  *(["per CPU-s", versus] if on_cpu else []), "peak MiB", versus]
+        body = [[r["variant"], r["normalizer"], f"{r['step_ms_median']:.1f}", f"{r['examples_per_s_median']:.1f}",
+                 f"{r['examples_per_s_min']:.1f}-{r['examples_per_s_max']:.1f}", f"{100 * r['spread']:.0f}%",
+                 ratio_text(r["speed_vs_baseline"]),
+                 *([f"{r['examples_per_cpu_s_median']:.2f}", ratio_text(r["cpu_speed_vs_baseline"])] if on_cpu else []),
+                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_baseline"])]
                 for r, c in zip(records, candidates) if c.setting == setting]
         lines += [f"## {setting.label}", "", *markdown_table(header, body), ""]
 
@@ -549,14 +593,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps per variant (default 2)")
     parser.add_argument("--steps", type=int, help="timed steps per variant per repeat (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile every model")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile every model (--no-compile: every model eager)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last inputs/weights")
     parser.add_argument("--loader", nargs="+", choices=[*LOADER_DATA, "none"],
                         help="the data sets whose input pipeline is measured, or none")
     parser.add_argument("--loader-batches", type=int, help="timed loader batches (default 10)")
     parser.add_argument("--loader-workers", type=int, help="loader worker processes (default 2)")
-    parser.add_argument("--output", type=Path, help="report path without suffix (default results/benchmark/<device>)")
+    parser.add_argument("--output", type=Path,
+                        help="report path without suffix (default results/benchmark/<preset>, else <device>)")
     return parser.parse_args(argv)
 
 
@@ -571,16 +617,19 @@ def resolve(args: argparse.Namespace) -> tuple[list[Setting], Options]:
         options = Options("cpu", warmup=2, steps=3, repeats=5)
     overrides = {"model": args.model, "batch": args.batch, "statistics": args.statistics,
                  "image_size": args.image_size}
+    if args.compile is not None:
+        overrides["compile_mode"] = "default" if args.compile else None
     if args.norms is not None:
         variants = tuple(VARIANTS) if args.norms == "all" else tuple(args.norms.split(","))
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"--norms: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)} or all")
         overrides["variants"] = variants
-    settings = [replace(s, **{k: v for k, v in overrides.items() if v is not None}) for s in settings]
+    settings = [replace(s, **{k: v for k, v in overrides.items() if v is not None or k == "compile_mode"})
+                for s in settings]
     options = replace(options, **{k: v for k, v in {
         "device": args.device, "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
-        "compile": args.compile, "amp": args.amp, "channels_last": args.channels_last,
+        "amp": args.amp, "channels_last": args.channels_last,
         "loaders": None if args.loader is None else tuple(d for d in args.loader if d != "none"), "loader_batches": args.loader_batches,
         "loader_workers": args.loader_workers}.items() if v is not None})
     for setting in settings:
@@ -608,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"built {setting.label}: {variant}", flush=True)
     time_round_robin(candidates, options)
     loaders = measure_loaders(settings, candidates, options)
-    output = args.output or Path("results/benchmark") / options.device
+    output = args.output or Path("results/benchmark") / (args.preset or options.device)
     command = shlex.join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     write_report(output, settings, candidates, loaders, options, command, load_at_start,
                  time.perf_counter() - started)

@@ -53,10 +53,10 @@ def test_end_to_end_report_has_every_variant_ratio_and_target(tmp_path: Path) ->
     for record in records:
         speed = float(record["examples_per_s_median"])
         assert 0 < float(record["examples_per_s_min"]) <= speed <= float(record["examples_per_s_max"])
-        assert float(record["speed_vs_bn"]) == pytest.approx(speed / float(baseline["examples_per_s_median"]), rel=1e-2)
-        assert float(record["cpu_speed_vs_bn"]) == pytest.approx(
+        assert float(record["speed_vs_baseline"]) == pytest.approx(speed / float(baseline["examples_per_s_median"]), rel=1e-2)
+        assert float(record["cpu_speed_vs_baseline"]) == pytest.approx(
             float(record["examples_per_cpu_s_median"]) / float(baseline["examples_per_cpu_s_median"]), rel=1e-2)
-        assert float(record["memory_vs_bn"]) == pytest.approx(
+        assert float(record["memory_vs_baseline"]) == pytest.approx(
             float(record["peak_memory_mib"]) / float(baseline["peak_memory_mib"]), rel=1e-2)
         assert f"| {record['variant']} |" in markdown
     # BKN's extra statistics are (G, C) tensors on top of the same network: memory cannot be lower.
@@ -93,6 +93,29 @@ def test_cuda_code_path_options_run_on_cpu(tmp_path: Path) -> None:
     assert [r["variant"] for r in records] == ["bn", "bkn_analytic"]
     assert records[0]["amp"] == "True" and records[0]["channels_last"] == "True"
     assert "bf16 autocast, channels_last" in markdown and "Input pipeline" not in markdown
+
+
+def test_micro_preset_reports_step_time_ratios_to_torch_batchnorm(tmp_path: Path) -> None:
+    """The micro-batch preset, one step per variant: every setting, ratios to torch.nn.BatchNorm2d,
+    and step-time targets whose verdicts follow from the CSV's own numbers."""
+    stem = tmp_path / "micro"
+    benchmark.main(["--preset", "micro", "--norms", "torch_bn,bn_groups,bkn_linear", "--no-compile", "--warmup", "0",
+                    "--steps", "1", "--repeats", "1", "--output", str(stem)])
+    records, markdown = read_report(stem)
+    settings = {(r["image_size"], r["batch"], r["statistics"]) for r in records}
+    assert settings == {("32", "8", "2"), ("32", "16", "1"), ("8", "8", "2")}
+    assert len(records) == 3 * len(benchmark.micro_settings("default"))
+    for record in records:
+        assert record["baseline"] == "torch_bn" and record["compile_mode"] == ""
+        speed = float(record["examples_per_s_median"])
+        assert float(record["step_ms_median"]) == pytest.approx(1000 * int(record["batch"]) / speed, rel=1e-2)
+    assert "| bn_groups | name=bn statistics_batch_size=2 |" in markdown and "vs torch_bn" in markdown
+    targets = re.findall(r"\| [^|]*batch (\d+), statistics \d+[^|]* \| (\w+) step time <= ([\d.]+) x torch_bn \| "
+                         r"([\d.]+) \| (pass|FAIL) \|", markdown)
+    assert {variant for _, variant, *_ in targets} == {"bn_groups", "bkn_linear"}
+    for _, _, bound, ratio, verdict in targets:
+        if abs(float(ratio) - float(bound)) > 1e-3:
+            assert verdict == ("pass" if float(ratio) <= float(bound) else "FAIL")
 
 
 def test_torch_bn_swap_gives_the_same_model() -> None:
@@ -181,5 +204,5 @@ def test_compiled_models_run_end_to_end(tmp_path: Path) -> None:
     stem = tmp_path / "compiled"
     benchmark.main([*TINY, "--norms", "bkn_analytic", "--compile", "--loader", "none", "--output", str(stem)])
     records, _ = read_report(stem)
-    assert [r["variant"] for r in records] == ["bkn_analytic"] and records[0]["compile"] == "True"
+    assert [r["variant"] for r in records] == ["bkn_analytic"] and records[0]["compile_mode"] == "default"
     assert float(records[0]["examples_per_s_median"]) > 0 and float(records[0]["peak_memory_mib"]) > 0
