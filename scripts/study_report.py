@@ -290,7 +290,7 @@ def write_robustness(runs: Sequence[Run], out_dir: Path) -> None:
     lines += ["## The largest learning rate that trains", "",
               f"Per model and setting, the largest learning rate at which the mean over seeds of the better "
               f"option's top-1 reaches {TRAINS_TOP1:.0f}% (the paper claims BKN, like BN, trains with large "
-              "learning rates); `none`: no learning rate tried.", "",
+              "learning rates); `none`: at none of the learning rates tried so far.", "",
               "| model | setting | " + " | ".join(label(v) for v in variants) + " |", "|---|---|" + "---|" * len(variants)]
     for model, setting in sorted({key[:2] for key in cells}, key=lambda key: (key[0], -key[1][1])):
         texts = []
