@@ -38,7 +38,7 @@ test-slurm: setup  ## jobs on a one-node SLURM cluster on this machine, started 
 
 BENCHMARK_PRESET ?= cpu
 .PHONY: benchmark
-benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/benchmark/ (BENCHMARK_PRESET=cpu|gpu, ARGS=...)
+benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/benchmark/ (BENCHMARK_PRESET=cpu|gpu|micro|micro_gpu, ARGS=...)
 	$(PY) scripts/benchmark.py --preset $(BENCHMARK_PRESET) $(ARGS)
 
 .PHONY: gpu-check
