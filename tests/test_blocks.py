@@ -12,7 +12,7 @@ from torch import nn
 
 from bkn.nn import NORMALIZERS, ConvNormAct, KalmanState, Sequential, build_norm
 
-BKN = {"name": "bkn", "statistics_batch_size": 2, "transition": "analytic", "gain": 0.1}
+BKN = {"name": "bkn", "statistics_batch_size": 2, "transition": "analytic", "gain": 0.1, "gain_warmup": 0}
 
 
 def _blocks() -> tuple[ConvNormAct, ConvNormAct, ConvNormAct]:
