@@ -303,6 +303,10 @@ def test_gain_warmup_starts_as_bn_and_reaches_the_gain():
         gains.append(warm.current_gain().item())
         warm(x, prior)
     assert gains == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.2, 0.2])  # 1 - 0.8 * min(t / 4, 1)
+    N.set_step(warm, 2)  # from now on the training loop's optimizer step counts, not the batches
+    warm(x, prior), warm(x, prior)
+    assert warm.current_gain().item() == pytest.approx(0.6)
+    N.set_step(warm, 4)
     settled = N.KalmanNorm2d(3, statistics_batch_size=2, gain=0.2, gain_warmup=0)
     settled.load_state_dict(warm.state_dict())  # the count travels with the state_dict (resume)
     torch.testing.assert_close(warm(x, prior)[0], settled(x, prior)[0])

@@ -203,7 +203,8 @@ class KalmanNorm2d(_GroupedNorm):
     authors' rule by statistics group size: ``q = 0.1`` for groups of fewer than 32 examples, 0.95 from
     32 (their code weights the prior with ``p = 1 - q``: 0.9 for micro-batches, 0.05 for large ones).
     ``gain_warmup`` starts the layer as BN, as BRN starts as BN: over its first ``gain_warmup``
-    training batches (counted by ``num_batches_tracked``) the gain falls linearly from 1 to ``q``, so
+    training batches (counted by ``num_batches_tracked``, or optimizer steps once the training loop
+    calls :func:`set_step`, as train.py does) the gain falls linearly from 1 to ``q``, so
     the prior gets its weight once the network's scale has settled (docs/normalizers.md, "Why the
     linear transition died"). 0 switches it off; without running statistics there is no count and
     no warm-up. With
@@ -252,6 +253,10 @@ class KalmanNorm2d(_GroupedNorm):
             self.gain_logit = nn.Parameter(torch.empty(()))
         else:  # a hyper-parameter, not state: not saved, so a config change is not overridden
             self.register_buffer("gain", torch.empty(()), persistent=False)
+        # The training loop's optimizer step (set_step), which the warm-up counts once it is set;
+        # a buffer, so the gain stays a tensor expression (no recompilation under torch.compile).
+        self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.long), persistent=False)
+        self.steps_from_loop = False
         if transition == "linear" and in_features is not None:
             if propagate:
                 self.transition_matrix = nn.Parameter(torch.empty(num_features, in_features))
@@ -280,14 +285,22 @@ class KalmanNorm2d(_GroupedNorm):
                 f"fallback={self.fallback}, "
                 f"state_from={self.state_from!r}" + ("" if self.propagate else ", propagate=False"))
 
+    def set_step(self, step: int) -> None:
+        """Count the gain warm-up in optimizer steps from now on. train.py calls it before every step,
+        so gradient accumulation and DDP follow the same schedule; without it the layer counts its
+        own training batches."""
+        self.optimizer_step.fill_(step)
+        self.steps_from_loop = True
+
     def current_gain(self) -> Tensor:
         """The gain of this forward pass: ``q``, or during the warm-up between 1 and ``q`` (also in eval
         mode with option A, which runs the filter as training at the same point would)."""
         gain = torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
-        if not (self.gain_warmup and self.num_batches_tracked is not None):
+        count = self.optimizer_step if self.steps_from_loop else self.num_batches_tracked
+        if not self.gain_warmup or count is None:
             return gain
-        # A tensor expression of the batch count, not a Python branch on it: no host sync.
-        progress = (self.num_batches_tracked.to(gain.dtype) / self.gain_warmup).clamp(max=1.0)
+        # A tensor expression of the count, not a Python branch on it: no host sync.
+        progress = (count.to(gain.dtype) / self.gain_warmup).clamp(max=1.0)
         return 1 - (1 - gain) * progress
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
@@ -442,9 +455,10 @@ def build_norm(name: str, num_features: int, in_features: int | None = None, **o
 
 
 def set_step(model: nn.Module, step: int) -> None:
-    """Tell every step-scheduled layer (BRN's r_max / d_max) the current optimizer step."""
+    """Tell every step-scheduled layer the current optimizer step: BRN's r_max / d_max and BKN's
+    gain warm-up."""
     for module in model.modules():
-        if isinstance(module, BatchRenorm2d):
+        if isinstance(module, (BatchRenorm2d, KalmanNorm2d)):
             module.set_step(step)
 
 
