@@ -18,7 +18,9 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@# setuptools warns on every editable install that a folder named like the package may shadow it;
+	@# this checkout is that folder, so the warning says nothing here.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install bkn with its pinned dependencies
