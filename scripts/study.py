@@ -103,12 +103,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from bkn.nn.norms import default_gain
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "study" / "records"  # committed records of finished runs
 
 BASE_LR, BASE_BATCH = 0.1, 64  # the linear scaling rule: lr = 0.1 x gradient / 64
-MICRO_BATCH_GAIN, LARGE_BATCH_GAIN = 0.1, 0.95
-LARGE_STATISTICS = 32  # statistics groups from this size up count as large
 BRN_WARMUP_FRACTION, BRN_RELAX_FRACTION = 0.05, 0.40
 # Training-set sizes (configs/data/; Fashion-MNIST: configs/experiment/study_fashion.yaml's data.train_size).
 TRAIN_EXAMPLES = {"digits": 1437, "digits_hard": 500, "fashion_mnist": 20000}
@@ -227,7 +227,7 @@ def run_specs(part: Part, runs_dir: Path) -> list[RunSpec]:
             *length, f"eval.every={steps_per_epoch * part.eval_every_epochs}",
         ]
         examples = part.steps * gradient if part.steps else part.epochs * TRAIN_EXAMPLES[part.data]
-        gain = LARGE_BATCH_GAIN if statistics >= LARGE_STATISTICS else MICRO_BATCH_GAIN
+        gain = default_gain(statistics)  # set explicitly, so the runs' records name it
         for variant, normalizer in part.variants.items():
             if variant.startswith("bkn"):
                 extra = [f"normalizer.gain={gain}"]

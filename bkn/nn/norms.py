@@ -26,7 +26,7 @@ Transition = Literal["linear", "monte_carlo", "analytic"]
 StateFrom = Literal["output", "input"]
 
 LARGE_GROUP = 32  # statistics groups from this size up get the authors' large-batch gain
-GAIN_WARMUP = 100  # training batches over which BKN's gain falls from 1 (BN) to q
+GAIN_WARMUP = 100  # optimizer steps (set_step), else training batches, over which BKN's gain falls from 1 (BN) to q
 
 
 class _GroupedNorm(nn.Module):
