@@ -39,6 +39,18 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
     return x.reshape(x.shape[0] // groups, groups * x.shape[1], *x.shape[2:])
 
 
+def _channel_statistics(grouped: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance of each channel of ``grouped`` (over every dimension but 1)."""
+    if torch.compiler.is_compiling():
+        # The eager kernel below has no fake-tensor (meta) implementation, which torch.compile
+        # needs once shapes are dynamic; the compiler fuses var_mean into one Welford pass.
+        var, mean = torch.var_mean(grouped, dim=[0, *range(2, grouped.dim())], correction=0)
+        return mean, var
+    # PyTorch's batch-norm statistics kernel: the same biased Welford variance as
+    # torch.var_mean, about twice as fast over the (0, 2, 3) dimensions.
+    return torch.batch_norm_update_stats(grouped, None, None, 0.0)
+
+
 class _GroupStats(torch.autograd.Function):
     """Biased per-channel mean and variance of ``x``'s grouped view, with a one-pass backward.
 
@@ -50,15 +62,7 @@ class _GroupStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-        grouped = _grouped(x, groups)
-        if torch.compiler.is_compiling():
-            # The eager kernel below has no fake-tensor (meta) implementation, which torch.compile
-            # needs once shapes are dynamic; the compiler fuses var_mean into one Welford pass.
-            var, mean = torch.var_mean(grouped, dim=[0, *range(2, grouped.dim())], correction=0)
-        else:
-            # PyTorch's batch-norm statistics kernel: the same biased Welford variance as
-            # torch.var_mean, about twice as fast over the (0, 2, 3) dimensions.
-            mean, var = torch.batch_norm_update_stats(grouped, None, None, 0.0)
+        mean, var = _channel_statistics(_grouped(x, groups))
         ctx.save_for_backward(x, mean)
         ctx.groups = groups
         return mean, var
@@ -95,54 +99,112 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _Normalize(torch.autograd.Function):
     """``weight * (x - mean) / sqrt(var + eps) + bias`` per channel of ``x``'s grouped view, through
-    PyTorch's fused eval-mode batch-norm kernels, with gradients for the statistics too.
+    PyTorch's fused eval-mode batch-norm kernel, with gradients for the statistics too.
 
-    The kernel's backward gives ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)`` in fused passes; the
-    statistics' gradients follow from those two sums. That kernel is not differentiable itself, so
-    when the backward must be (``create_graph=True``: double backward, gradient penalties,
-    Hessian-vector products) the same three terms come from ordinary tensor ops instead; the
-    ordinary backward keeps the fused path. Input and output are in ``x``'s shape, and the output
-    is not a view: a view would turn an in-place activation after the layer (ReLU with
+    The backward's fused kernel gives ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)``; the statistics'
+    gradients follow from the two sums. ``observed`` (BKN): ``x``'s own statistics, from which
+    ``mean`` and ``var`` were estimated. Then the backward runs the *training-mode* kernel, BN's,
+    whose ``dx`` also holds the gradient that would reach ``x`` if ``mean`` and ``var`` were ``x``'s
+    own statistics; that part is taken back through the observed statistics (their gradients below),
+    so the total is the same, and where the estimate is the observation (BKN at gain 1) the
+    correction is exactly zero and every number is BN's, bit for bit.
+
+    The kernels are not differentiable themselves, so when the backward must be
+    (``create_graph=True``: double backward, gradient penalties, Hessian-vector products) the same
+    terms come from ordinary tensor ops instead. Input and output are in ``x``'s shape, and the
+    output is not a view: a view would turn an in-place activation after the layer (ReLU with
     ``inplace=True``) into full-size copies in the backward (autograd's CopySlices).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                groups: int) -> Tensor:
-        ctx.save_for_backward(x, mean, var, weight)
-        ctx.eps, ctx.groups = eps, groups
+    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, obs_mean: Tensor | None, obs_var: Tensor | None,
+                weight: Tensor, bias: Tensor, eps: float, groups: int) -> Tensor:
+        ctx.save_for_backward(x, mean, var, weight, obs_mean)
+        ctx.eps, ctx.groups, ctx.observed = eps, groups, obs_mean is not None
         y = torch.batch_norm(_grouped(x, groups), weight, bias, mean, var, False, 0.0, eps,
                              torch.backends.cudnn.enabled)
         return y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, mean, var, weight = ctx.saved_tensors
-        grouped = _grouped(x, ctx.groups)
-        grad_grouped = _grouped(grad_out, ctx.groups).contiguous(memory_format=_memory_format(grouped))
+        x, mean, var, weight, obs_mean = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, weight, ctx, ctx.observed)
         invstd = torch.rsqrt(var + ctx.eps)
-        if torch.is_grad_enabled():  # create_graph=True: this backward is differentiated in turn
-            grad_x, grad_weight, grad_bias = _differentiable_normalize_backward(
-                grad_grouped, grouped, mean, invstd, weight, ctx.needs_input_grad[0])
-        else:
-            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_grouped, grouped, weight, mean, var, None, None, False, ctx.eps,
-                [ctx.needs_input_grad[0], True, True])
         grad_mean = -grad_bias * weight * invstd
         grad_var = -0.5 * grad_weight * weight * invstd * invstd
-        grad_x = None if grad_x is None else grad_x.reshape(x.shape)
-        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None, None
+        grad_obs_mean = grad_obs_var = None
+        if ctx.observed:
+            # The kernel's dx holds grad_mean / n + 2 grad_var (x - mean) / n; the observed statistics'
+            # backward (group_stats) adds a / n + 2 b (x - obs_mean) / n, so these cancel it.
+            grad_obs_mean = -grad_mean - 2 * grad_var * (obs_mean - mean)
+            grad_obs_var = -grad_var
+        return grad_x, grad_mean, grad_var, grad_obs_mean, grad_obs_var, grad_weight, grad_bias, None, None
 
 
-def _differentiable_normalize_backward(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
-                                       needs_grad_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """What ``native_batch_norm_backward`` returns for fixed statistics (eval mode), as tensor ops:
-    ``dx = dy * weight * invstd``, ``sum(dy * x_hat)`` and ``sum(dy)`` per channel."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    dims = [0, *range(2, x.dim())]
-    grad_x = grad_out * (weight * invstd).view(shape) if needs_grad_x else None
-    grad_weight = (grad_out * (x - mean.view(shape))).sum(dims) * invstd
-    return grad_x, grad_weight, grad_out.sum(dims)
+class _BatchNorm(torch.autograd.Function):
+    """BN of ``x``'s grouped view with each channel's own statistics, which it returns too (without
+    a gradient: they feed the running statistics, and BRN's r and d, constants for the gradient).
+
+    Forward: the statistics kernel and the eval-mode kernel, the ops BKN runs (group_stats, then
+    normalize), so BKN whose estimate is its observation computes the same numbers. Backward:
+    PyTorch's training-mode batch-norm kernel alone, as ``torch.nn.BatchNorm2d``'s, where group_stats
+    and normalize would take two more full-size passes. ``statistics`` given: ``x``'s own, computed
+    by the caller (BRN), not again here.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, groups: int,
+                statistics: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        grouped = _grouped(x, groups)
+        if statistics is None:
+            with torch.autocast(x.device.type, enabled=False):
+                statistics = _channel_statistics(grouped.to(statistics_dtype(x.dtype)))
+        mean, var = statistics
+        y = torch.batch_norm(grouped, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.groups = eps, groups
+        ctx.mark_non_differentiable(mean, var)
+        return (y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None):
+        x, weight, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # differentiated again: the statistics as the functions of x they are
+            grouped = _grouped(x, ctx.groups)
+            var, mean = torch.var_mean(grouped.to(mean.dtype), dim=[0, *range(2, grouped.dim())], correction=0)
+        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, weight, ctx, training=True)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _batch_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, ctx,
+                         training: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(dx, sum(dy * x_hat), sum(dy))`` of batch norm with the given statistics, ``dx`` in ``x``'s shape.
+
+    ``training``: ``dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``, the gradient
+    when ``mean`` and ``var`` are ``x``'s own statistics; else ``dx = weight * invstd * dy``, for fixed
+    statistics. PyTorch's fused kernel, or under ``create_graph=True`` the same as tensor ops.
+    """
+    grouped = _grouped(x, ctx.groups)
+    grad_grouped = _grouped(grad_out, ctx.groups).contiguous(memory_format=_memory_format(grouped))
+    needs_grad_x = ctx.needs_input_grad[0]
+    invstd = torch.rsqrt(var + ctx.eps)
+    if not torch.is_grad_enabled():
+        statistics = (None, None, mean, invstd) if training else (mean, var, None, None)  # saved or running
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_grouped, grouped, weight, *statistics, training, ctx.eps, [needs_grad_x, True, True])
+    else:  # create_graph=True: this backward is differentiated in turn
+        shape = (1, -1) + (1,) * (grouped.dim() - 2)
+        dims = [0, *range(2, grouped.dim())]
+        x_hat = (grouped - mean.view(shape)) * invstd.view(shape)
+        grad_bias, grad_weight = grad_grouped.sum(dims), (grad_grouped * x_hat).sum(dims)
+        grad_x = None
+        if needs_grad_x:
+            grad_x = grad_grouped
+            if training:
+                count = grouped.numel() // grouped.shape[1]
+                grad_x = grad_x - (grad_bias / count).view(shape) - x_hat * (grad_weight / count).view(shape)
+            grad_x = grad_x * (weight * invstd).view(shape)
+    return (None if grad_x is None else grad_x.reshape(x.shape)), grad_weight, grad_bias
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -152,21 +214,51 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-              eps: float) -> Tensor:
+              eps: float, observed: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-group ``(G, C)`` statistics.
 
-    ``weight`` and ``bias`` are ``(C,)`` or per group ``(G, C)`` (BRN folds its r and d in there).
+    ``weight`` and ``bias`` are ``(C,)`` or per group ``(G, C)``. ``observed``: ``x``'s own statistics
+    (group_stats), when ``mean`` and ``var`` are estimated from them (BKN): the same gradient, through
+    BN's backward kernel (see _Normalize).
     """
     groups, channels = mean.shape
-    weight = mean.new_ones(channels) if weight is None else weight
-    bias = mean.new_zeros(channels) if bias is None else bias
-    per_group = (groups, channels)
-    weight, bias = (p.to(mean.dtype).expand(per_group).reshape(-1) for p in (weight, bias))
-    y = _Normalize.apply(x, mean.reshape(-1), var.reshape(-1), weight, bias, eps, groups)
+    weight, bias = _per_group_affine(weight, bias, groups, channels, mean)
+    observed = (None, None) if observed is None else tuple(o.reshape(-1) for o in observed)
+    y = _Normalize.apply(x, mean.reshape(-1), var.reshape(-1), *observed, weight, bias, eps, groups)
     if groups == 1:
         return y
     # channels_last input with several groups took a copy in _grouped; hand back x's layout
     return y.contiguous(memory_format=_memory_format(x))
+
+
+def batch_norm(x: Tensor, statistics_batch_size: int | None, weight: Tensor | None, bias: Tensor | None,
+               eps: float, statistics: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """BN with statistics groups: ``(y, mean, var)``, the statistics ``(G, C)`` and without a gradient.
+
+    The same numbers as ``normalize(x, *group_stats(x, s), weight, bias, eps)``, with the backward
+    of ``torch.nn.BatchNorm2d`` (one fused kernel). ``weight`` and ``bias`` are ``(C,)`` or per group
+    ``(G, C)`` (BRN folds its r and d in there); ``statistics``: ``x``'s own ``(G, C)`` statistics,
+    if the caller has them already.
+    """
+    groups = num_groups(x.shape[0], statistics_batch_size)
+    channels = x.shape[1]
+    dtype = statistics_dtype(x.dtype)
+    weight, bias = _per_group_affine(weight, bias, groups, channels, x.new_empty((), dtype=dtype))
+    if statistics is not None:
+        statistics = tuple(s.reshape(-1) for s in statistics)
+    y, mean, var = _BatchNorm.apply(x, weight, bias, eps, groups, statistics)
+    if groups > 1:  # channels_last input with several groups took a copy in _grouped; hand back x's layout
+        y = y.contiguous(memory_format=_memory_format(x))
+    return y, mean.view(groups, channels), var.view(groups, channels)
+
+
+def _per_group_affine(weight: Tensor | None, bias: Tensor | None, groups: int, channels: int,
+                      like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(C,)`` or ``(G, C)`` affine parameters (None: 1 and 0) as the grouped view's ``(G*C,)``,
+    in the statistics' dtype."""
+    weight = like.new_ones(channels) if weight is None else weight
+    bias = like.new_zeros(channels) if bias is None else bias
+    return tuple(p.to(like.dtype).expand(groups, channels).reshape(-1) for p in (weight, bias))
 
 
 def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_var: Tensor,

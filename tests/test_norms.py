@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bkn.nn as N
 from bkn import functional as BF
@@ -598,16 +599,35 @@ def test_gradgradcheck_bkn_in_float64_training_mode(transition):
     assert torch.autograd.gradgradcheck(forward, (x,))
 
 
-def test_single_backward_keeps_the_fused_kernel_and_create_graph_uses_tensor_ops(monkeypatch):
-    calls = []
-    differentiable = BF._differentiable_normalize_backward
-    monkeypatch.setattr(BF, "_differentiable_normalize_backward", lambda *a: calls.append(1) or differentiable(*a))
-    layer = N.BatchNorm2d(3, statistics_batch_size=2)
+class RecordOps(TorchDispatchMode):
+    """The ATen ops that run inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "bkn"])
+def test_single_backward_is_one_fused_kernel_and_create_graph_uses_tensor_ops(name):
+    """BN and BRN: the forward is the statistics kernel and the eval-mode kernel, the backward
+    torch's training-mode kernel alone, as torch.nn.BatchNorm2d's; BKN's backward uses that kernel too.
+    With create_graph=True the same gradient comes from tensor ops, which can be differentiated again."""
+    layer = N.build_norm(name, 3, statistics_batch_size=2, **({"gain_warmup": 0} if name == "bkn" else {}))
+    forward = (lambda v: layer(v, None)[0]) if name == "bkn" else layer
     x = torch.randn(4, 3, 3, 3, requires_grad=True)
-    layer(x).pow(3).sum().backward()
-    assert calls == []
-    (grad,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
-    assert calls and grad.requires_grad
+    loss = forward(x).pow(3).sum()
+    with RecordOps() as recorded:
+        loss.backward()
+    assert recorded.ops.count("native_batch_norm_backward") == 1
+    if name == "bn":  # nothing else of size x but the kernel and the upstream gradient's pow
+        assert "var_mean" not in recorded.ops and "addcmul" not in recorded.ops
+    with RecordOps() as recorded:
+        (grad,) = torch.autograd.grad(forward(x).pow(3).sum(), x, create_graph=True)
+    assert "native_batch_norm_backward" not in recorded.ops and grad.requires_grad
     torch.testing.assert_close(grad.detach(), x.grad)  # the same gradient either way
 
 

@@ -129,9 +129,9 @@ class BatchNorm2d(_GroupedNorm):
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x)
-        mean, var = BF.group_stats(x, self.statistics_batch_size)
+        y, mean, var = BF.batch_norm(x, self.statistics_batch_size, self.weight, self.bias, self.eps)
         self._update_running_stats(mean, var, x)
-        return BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        return y
 
 
 class BatchRenorm2d(_GroupedNorm):
@@ -170,19 +170,19 @@ class BatchRenorm2d(_GroupedNorm):
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x)
-        mean, var = BF.group_stats(x, self.statistics_batch_size)
         if not (self.training and self.track_running_stats):  # option A: plain batch statistics
-            return BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
-        with torch.no_grad():
+            return BF.batch_norm(x, self.statistics_batch_size, self.weight, self.bias, self.eps)[0]
+        with torch.no_grad():  # r and d are constants for the gradient
+            mean, var = BF.group_stats(x, self.statistics_batch_size)
             running_std = (self.running_var.to(var.dtype) + self.eps).sqrt()
             r = ((var + self.eps).sqrt() / running_std).clamp(1 / self.r_max, self.r_max)
             d = ((mean - self.running_mean.to(mean.dtype)) / running_std).clamp(-self.d_max, self.d_max)
         self._update_running_stats(mean, var, x)
-        # weight * (x_hat * r + d) + bias == normalize with weight * r and bias + weight * d:
+        # weight * (x_hat * r + d) + bias == BN with weight * r and bias + weight * d:
         # at r = 1, d = 0 the same numbers as BN, bit for bit.
         weight = r if self.weight is None else self.weight * r
         bias = d if self.weight is None else self.bias + self.weight * d
-        return BF.normalize(x, mean, var, weight, bias, self.eps)
+        return BF.batch_norm(x, self.statistics_batch_size, weight, bias, self.eps, statistics=(mean, var))[0]
 
 
 class KalmanNorm2d(_GroupedNorm):
@@ -332,7 +332,7 @@ class KalmanNorm2d(_GroupedNorm):
             return self._normalize_with_running_stats(x), None
         observation, (mean, var) = self.filter(x, prior)
         self._update_running_stats(mean, var, x)
-        y = BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        y = BF.normalize(x, mean, var, self.weight, self.bias, self.eps, observed=observation)
         if self.state_from == "input":
             return y, KalmanState(mean, var)
         return y, KalmanState(*BF.normalized_moments(*observation, mean, var, self.weight, self.bias, self.eps))
