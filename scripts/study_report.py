@@ -35,6 +35,7 @@ import json
 import shutil
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -58,9 +59,23 @@ EXPERIMENTS = {
 # Robustness: a run "trains" when its better inference option reaches TRAINS_TOP1; the default BKN
 # must then be within DEFAULT_MARGIN points of BN's better option wherever BN trains.
 TRAINS_TOP1, DEFAULT_MARGIN, DEFAULT_BKN = 90.0, 2.0, "bkn-linear"
-BASELINE_SETTING, CONVERGED_TOP1 = (64, 64), 97.0
-# Experiments with a large-batch BN baseline of their own get a speed table and a Fig. 8 analogue: file suffix.
-WITH_BASELINE = {"study": "", "study_hard": "_hard"}
+CONVERGED_TOP1 = 97.0  # the main grid's baseline must reach it (README status line)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An experiment with a large-batch BN baseline of its own: it gets a speed table and a Fig. 8 analogue."""
+
+    baseline: tuple[int, int]  # the BN baseline's (gradient, statistics)
+    files: str  # its files' names, "{}" standing for steps_to_baseline or variance_gap
+    evaluations: str  # how often its runs are evaluated
+    bkn: tuple[str, ...]  # the BKN variants its Fig. 8 analogue sets beside BN
+
+
+GRIDS = {
+    "study": Grid((64, 64), "{}", "one per epoch", ("bkn-linear", "bkn-analytic")),
+    "study_hard": Grid((64, 64), "{}_hard", "one per epoch", ("bkn-linear", "bkn-analytic")),
+}
 REACH_FRACTION = 0.95  # convergence speed: steps until 95% of the baseline's final top-1
 # Training loss flat: the mean of the last 10% of steps at most 20% (or 0.01) below that of the 10% before.
 FLAT_TOLERANCE, FLAT_ABSOLUTE = 0.2, 0.01
@@ -112,8 +127,9 @@ def rows_of(runs: Sequence[Run]) -> dict[tuple[tuple[int, int], str], list[Run]]
     return dict(sorted(rows.items(), key=lambda item: ((-item[0][0][0], -item[0][0][1]), variant_key(item[0][1]))))
 
 
-def baseline_top1(runs: Sequence[Run]) -> float | None:
-    values = [top1 for run in runs if run.finished and run.setting == BASELINE_SETTING and run.variant == "bn"
+def baseline_top1(runs: Sequence[Run], setting: tuple[int, int]) -> float | None:
+    """The BN baseline's final top-1 at ``setting`` (population statistics), mean over its finished seeds."""
+    values = [top1 for run in runs if run.finished and run.setting == setting and run.variant == "bn"
               and (top1 := run.final("population")) is not None]
     return statistics.fmean(values) if values else None
 
@@ -173,13 +189,14 @@ def first_reach(run: Run, inference: str, threshold: float) -> int | None:
 
 
 def write_steps_to_baseline(experiment: str, runs: Sequence[Run], baseline: float, out_dir: Path) -> None:
-    """Writes ``steps_to_baseline<suffix>.md``: per setting and normalizer, the steps to 95% of ``baseline``."""
+    """Writes the grid's ``steps_to_baseline`` table: per setting and normalizer, the steps to 95% of ``baseline``."""
+    grid = GRIDS[experiment]
     threshold = REACH_FRACTION * baseline
     lines = [f"# Convergence speed ({experiment}: {EXPERIMENTS[experiment]}): optimizer steps (and examples) "
              "to reach 95% of the baseline", "",
-             f"The large-batch BN baseline {BASELINE_SETTING} reaches {baseline:.1f}% top-1 (population statistics, "
+             f"The large-batch BN baseline {grid.baseline} reaches {baseline:.1f}% top-1 (population statistics, "
              f"mean over seeds); the threshold is {REACH_FRACTION:.0%} of that, {threshold:.1f}%. Per run: the first "
-             "evaluation (one per epoch) at or above it; mean over the seeds that reach it, and how many do. "
+             f"evaluation ({grid.evaluations}) at or above it; mean over the seeds that reach it, and how many do. "
              "Examples = steps x gradient batch.", "",
              "| setting | normalizer | B: steps | B: examples | B: seeds reaching | A: steps | A: examples "
              "| A: seeds reaching |", "|---|---|---|---|---|---|---|---|"]
@@ -199,13 +216,14 @@ def write_steps_to_baseline(experiment: str, runs: Sequence[Run], baseline: floa
         lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | " + " | ".join(cells) + " |")
     lines += ["", f"- {PAPER_SPEED_CLAIM} Ours is a different network, data set and scale.",
               "", "Regenerate: `make study`."]
-    (out_dir / f"steps_to_baseline{WITH_BASELINE[experiment]}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{grid.files.format('steps_to_baseline')}.md").write_text("\n".join(lines) + "\n")
 
 
 def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
     """Fig. 8 from the study's trained runs: |variance normalized with - moving variance|, BN vs BKN.
-    Writes ``variance_gap<suffix>.md`` and a heat map per setting."""
-    suffix = WITH_BASELINE[experiment]
+    Writes the grid's ``variance_gap`` table and a heat map per setting."""
+    grid = GRIDS[experiment]
+    name = grid.files.format("variance_gap")
 
     lines = ["# Fig. 8 analogue: batch variance against moving variance in the trained study networks", "",
              "Seed 0 of each setting; the deepest normalization layer after a 3x3 conv; 64 test statistics groups "
@@ -215,7 +233,7 @@ def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> N
              "| setting | normalizer | layer | mean gap | median gap | mean gap / moving variance |", "|---|---|---|---|---|---|"]
     device = torch.device("cpu")
     for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
-        chosen = {variant: run for run in runs for variant in ("bn", "bkn-linear", "bkn-analytic")
+        chosen = {variant: run for run in runs for variant in ("bn", *grid.bkn)
                   if run.finished and run.setting == setting and run.variant == variant and run.summary.get("seed") == 0}
         if "bn" not in chosen or len(chosen) < 2:
             continue
@@ -225,9 +243,9 @@ def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> N
             lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | `{gap.layer}` | {gap.normalizing.mean():.4g} "
                          f"| {gap.normalizing.median():.4g} | {relative.mean():.4g} |")
         plot(gaps, f"{experiment} at {setting}: |batch variance - moving variance|, channels x test groups",
-             out_dir / f"variance_gap{suffix}_g{setting[0]}_s{setting[1]}.png")
-    lines += ["", f"Heat maps: variance_gap{suffix}_g<gradient>_s<statistics>.png. Regenerate: `make study`."]
-    (out_dir / f"variance_gap{suffix}.md").write_text("\n".join(lines) + "\n")
+             out_dir / f"{name}_g{setting[0]}_s{setting[1]}.png")
+    lines += ["", f"Heat maps: {name}_g<gradient>_s<statistics>.png. Regenerate: `make study`."]
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def best_top1(run: Run) -> float | None:
@@ -363,14 +381,16 @@ def wall_times(runs_dir: Path, records_dir: Path) -> dict[str, float]:
 
 
 def status_line(baseline: float | None) -> str:
+    """The README's first line: whether the main grid's BN baseline finished and converged."""
+    setting = GRIDS["study"].baseline
     if baseline is None:
-        return (f"{README_STATUS_PREFIX} INCOMPLETE — the large-batch BN baseline {BASELINE_SETTING} has not "
+        return (f"{README_STATUS_PREFIX} INCOMPLETE — the large-batch BN baseline {setting} has not "
                 "finished (make study PART=baseline); nothing here is checked for convergence yet.")
     if baseline < CONVERGED_TOP1:
-        return (f"{README_STATUS_PREFIX} NOT CONVERGED — the large-batch BN baseline {BASELINE_SETTING} reaches "
+        return (f"{README_STATUS_PREFIX} NOT CONVERGED — the large-batch BN baseline {setting} reaches "
                 f"{baseline:.1f}% top-1 (population statistics), below the {CONVERGED_TOP1:g}% this study requires; "
                 "its numbers are not evidence.")
-    return (f"{README_STATUS_PREFIX} converged — the large-batch BN baseline {BASELINE_SETTING} reaches {baseline:.1f}% "
+    return (f"{README_STATUS_PREFIX} converged — the large-batch BN baseline {setting} reaches {baseline:.1f}% "
             f"top-1 (population statistics, >= {CONVERGED_TOP1:g}%).")
 
 
@@ -427,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         write_results_table(experiment, runs, args.out_dir)
         write_figure(experiment, runs, args.out_dir)
-        if experiment in WITH_BASELINE:
-            baseline = baseline_top1(runs)
+        if experiment in GRIDS:
+            baseline = baseline_top1(runs, GRIDS[experiment].baseline)
             if baseline is not None:
                 write_steps_to_baseline(experiment, runs, baseline, args.out_dir)
             if not args.no_checkpoints:
@@ -441,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prior_fit.write_markdown(prior_fit.initial_rows(batches=4), args.out_dir / "prior_fit_initial.md",
                                  "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
     main_runs = load_runs(args.runs_dir, records_dir, "study")
-    line = status_line(baseline_top1(main_runs))
+    line = status_line(baseline_top1(main_runs, GRIDS["study"].baseline))
     times = wall_times(args.runs_dir, records_dir)
     if times:
         line += " Wall time per part (records/wall_times.jsonl): " + ", ".join(f"{part} {seconds / 60:.0f} min"
