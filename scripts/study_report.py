@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shutil
 import statistics
 from collections import defaultdict
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
 from bkn.engine.checkpoint import checkpoint_path
 
@@ -76,6 +78,9 @@ GRIDS = {
     "study": Grid((64, 64), "{}", "one per epoch", ("bkn-linear", "bkn-analytic")),
     "study_hard": Grid((64, 64), "{}_hard", "one per epoch", ("bkn-linear", "bkn-analytic")),
 }
+# What top-1 is measured on, and what option A keeps of it (whole statistics groups only); digits where not named.
+DIGITS_TEST = ("the 360 test images", "320 of the 360 at 64 a group")
+TEST_SETS: dict[str, tuple[str, str]] = {}
 REACH_FRACTION = 0.95  # convergence speed: steps until 95% of the baseline's final top-1
 # Training loss flat: the mean of the last 10% of steps at most 20% (or 0.01) below that of the 10% before.
 FLAT_TOLERANCE, FLAT_ABSOLUTE = 0.2, 0.01
@@ -102,6 +107,20 @@ def mean_std(values: Sequence[float], digits: int) -> str:
         return "—"
     text = f"{statistics.fmean(values):.{digits}f}"
     return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean of ``values`` (Student's t with n - 1 degrees of
+    freedom), or None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    half = student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
+
+
+def interval_text(values: Sequence[float], digits: int) -> str:
+    bounds = interval(values)
+    return "—" if bounds is None else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
 
 
 def final_loss(run: Run) -> float | None:
@@ -134,28 +153,37 @@ def baseline_top1(runs: Sequence[Run], setting: tuple[int, int]) -> float | None
     return statistics.fmean(values) if values else None
 
 
+def final_top1s(runs: Sequence[Run], inference: str) -> list[float]:
+    """The final top-1 under ``inference`` of each finished run that recorded one. GN normalizes each
+    example with its own statistics, so its option A is its option B."""
+    return [top1 for run in runs if run.finished
+            and (top1 := run.final("population" if run.variant == "gn" else inference)) is not None]
+
+
 def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
-    header = ("| setting | normalizer | seeds | top-1 % B: population | top-1 % A: batch | final training loss "
-              "| loss flat | not finished |")
+    test_images, whole_groups = TEST_SETS.get(experiment, DIGITS_TEST)
+    header = ("| setting | normalizer | seeds | top-1 % B: population | B: 95% interval | top-1 % A: batch "
+              "| A: 95% interval | final training loss | loss flat | not finished |")
     lines = [f"# {experiment} — {EXPERIMENTS[experiment]}", "",
-             "Mean ± std over the finished seeds. Top-1 on the 360 test images after the last step; B: "
+             f"Mean ± std over the finished seeds, and the mean's 95% confidence interval (Student's t with "
+             f"n - 1 degrees of freedom, not clipped to 0-100; — with one seed). Top-1 on {test_images} after the last step; B: "
              "population (running) statistics, the paper's option B; A: each test statistics group's own "
-             "statistics, option A, on whole groups only (320 of the 360 at 64 a group; GN has per-example statistics, "
+             f"statistics, option A, on whole groups only ({whole_groups}; GN has per-example statistics, "
              "so its A is its B). Final training loss: "
              f"mean of the last 10% of logged steps; loss flat: the runs whose last 10% lie at most "
              f"{FLAT_TOLERANCE:.0%} (or {FLAT_ABSOLUTE:g}) below the 10% before. Not finished: runs with another status (diverged, failed, ...) or that did not learn.",
-             "", header, "|---|---|---|---|---|---|---|---|"]
+             "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     records = []
     for (setting, variant), group in rows_of(runs).items():
         finished = [run for run in group if run.finished]
-        population = [v for run in finished if (v := run.final("population")) is not None]
-        batch = [v for run in finished if (v := run.final("batch")) is not None]
+        population, batch = final_top1s(group, "population"), final_top1s(group, "batch")
         losses = [v for run in finished if (v := final_loss(run)) is not None]
         flat = [run for run in finished if loss_is_flat(run)]
         others = sorted(f"{run.name}: {run.verdict}" for run in group if not (run.finished and run.learned))
-        batch_text = "= B" if variant == "gn" else mean_std(batch, 1)
+        batch_cells = ["= B", "= B"] if variant == "gn" else [mean_std(batch, 1), interval_text(batch, 1)]
         lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | {len(finished)} | {mean_std(population, 1)} "
-                     f"| {batch_text} | {mean_std(losses, 3)} | {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
+                     f"| {interval_text(population, 1)} | {' | '.join(batch_cells)} | {mean_std(losses, 3)} "
+                     f"| {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
         for run in group:
             records.append({"experiment": experiment, "setting": f"({setting[0]}, {setting[1]})", "normalizer": variant,
                             "seed": run.summary.get("seed"), "status": run.verdict,

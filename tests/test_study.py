@@ -171,11 +171,13 @@ def test_report_rows_final_loss_and_steps_to_the_baseline(tmp_path: Path) -> Non
              for line in lines}
     bn_baseline = cells["(64, 64)", "BN"]
     assert bn_baseline[3] == f"{statistics.fmean(baseline):.1f} ± {statistics.stdev(baseline):.1f}"
-    assert bn_baseline[5] == "0.100 ± 0.000" and bn_baseline[6] == "2/2"
+    half = 12.7062 * statistics.stdev(baseline) / 2 ** 0.5  # Student's t, 1 degree of freedom, 97.5%
+    assert bn_baseline[4] == f"[{statistics.fmean(baseline) - half:.1f}, {statistics.fmean(baseline) + half:.1f}]"
+    assert bn_baseline[7] == "0.100 ± 0.000" and bn_baseline[8] == "2/2"
     bkn = cells["(16, 1)", "BKN (analytic)"]
     assert bkn[3] == f"{statistics.fmean([90.0, 96.0]):.1f} ± {statistics.stdev([90.0, 96.0]):.1f}"
-    assert bkn[5] == f"{statistics.fmean(falling[-2:]):.3f} ± 0.000" and bkn[6] == "0/2"
-    assert cells["(16, 1)", "BN"][7] == "g16_s1_bn_seed0: diverged" and cells["(16, 1)", "BN"][3] == "—"
+    assert bkn[7] == f"{statistics.fmean(falling[-2:]):.3f} ± 0.000" and bkn[8] == "0/2"
+    assert cells["(16, 1)", "BN"][9] == "g16_s1_bn_seed0: diverged" and cells["(16, 1)", "BN"][3] == "—"
 
     threshold = 0.95 * statistics.fmean(baseline)  # 93.575: seed 0 reaches it at step 40, seed 1 at 20
     speed = [line for line in (out / "steps_to_baseline.md").read_text().splitlines() if line.startswith("| (16, 1) | BKN")]
