@@ -3,13 +3,20 @@ convergence check and the wall time of each part.
 
 For each experiment of the study (``study``: the main grid; ``study_hard``: the harder digits;
 ``study_state``: what BKN passes on; ``study_stall``: the recipe BKN-analytic stalled under;
-``study_quick``: the first look) it writes ``<experiment>.md``,
-``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options and
-the final training loss, mean ± std over the finished seeds. From the main grid it also writes
+``study_quick``: the first look; ``study_fashion``: the Fashion-MNIST grid; ``study_fashion_quick``:
+its first try) that has runs it writes ``<experiment>.md``,
+``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options
+(mean ± std over the finished seeds and the mean's 95% confidence interval) and the final training
+loss; the figure draws top-1 against steps, a panel per setting and option. From the main grid it also writes
 ``steps_to_baseline.md`` (optimizer steps and examples until a run first reaches 95% of the
 large-batch BN baseline's final top-1) and ``variance_gap.{md,png}`` (the Fig. 8 analogue), and the
 same from the harder digits against their own baseline (``steps_to_baseline_hard.md``,
-``variance_gap_hard.{md,png}``); from the
+``variance_gap_hard.{md,png}``) and from the Fashion-MNIST grid against its (128, 128) baseline
+(``study_fashion_steps_to_baseline.md``, ``study_fashion_variance_gap.{md,png}``), with
+``study_fashion_claims.md``: the data set's reference accuracies (theirs) beside ours, and the
+paper's claims tested one by one (BKN more accurate than BN and BRN at micro-batches, faster to 95%
+of the baseline, its statistics closer to the population statistics; where GN wins), each verdict
+computed from the seeds' 95% intervals; from the
 main grid and from ``study_state``, ``prior_fit.md`` / ``prior_fit_state.md`` (scripts/prior_fit.py:
 how far each BKN layer's prior lies from what it observes), and the same before any training,
 ``prior_fit_initial.md``.
@@ -31,14 +38,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
+import math
 import shutil
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
 from bkn.engine.checkpoint import checkpoint_path
 
@@ -53,14 +64,46 @@ EXPERIMENTS = {
     "study_state": "what BKN passes on to the next layer's prediction: its output's statistics or its input's",
     "study_quick": "first look: (32, 2), 10 epochs, one seed (not converged by design)",
     "study_stall": "the recipe BKN-analytic stalled under: lr 0.05, no warm-up, 1,500 steps at (32, 1)",
+    "study_fashion": "BN, BRN, GN, the default BKN and the authors' BKN on Fashion-MNIST, trained to convergence",
+    "study_fashion_quick": "Fashion-MNIST's first try: (128, 128) and (16, 1), 2 epochs, one seed (not converged "
+                           "by design)",
     "study_robustness": "the default command's recipe (no warm-up, 300 steps) over learning rates",
 }
 # Robustness: a run "trains" when its better inference option reaches TRAINS_TOP1; the default BKN
 # must then be within DEFAULT_MARGIN points of BN's better option wherever BN trains.
 TRAINS_TOP1, DEFAULT_MARGIN, DEFAULT_BKN = 90.0, 2.0, "bkn-linear"
-BASELINE_SETTING, CONVERGED_TOP1 = (64, 64), 97.0
-# Experiments with a large-batch BN baseline of their own get a speed table and a Fig. 8 analogue: file suffix.
-WITH_BASELINE = {"study": "", "study_hard": "_hard"}
+AUTHORS_BKN = "bkn-monte_carlo-state_input"  # the authors' code exactly
+CONVERGED_TOP1 = 97.0  # the main grid's baseline must reach it (README status line)
+
+
+Setting = tuple[int, int]  # the paper's (gradient-batch-size, statistics-batch-size)
+VarianceGaps = dict[tuple[Setting, str], float]  # the Fig. 8 analogue's mean gap by (setting, variant)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An experiment with a large-batch BN baseline of its own: it gets a speed table and a Fig. 8 analogue."""
+
+    baseline: Setting  # the BN baseline's
+    files: str  # its files' names, "{}" standing for steps_to_baseline, variance_gap or claims
+    evaluations: str  # how often its runs are evaluated
+    bkn: tuple[str, ...]  # the BKN variants its Fig. 8 analogue (and claims) set beside BN
+
+
+GRIDS = {
+    "study": Grid((64, 64), "{}", "one per epoch", ("bkn-linear", "bkn-analytic")),
+    "study_hard": Grid((64, 64), "{}_hard", "one per epoch", ("bkn-linear", "bkn-analytic")),
+    "study_fashion": Grid((128, 128), "study_fashion_{}", "one every 3 epochs", (DEFAULT_BKN, AUTHORS_BKN)),
+}
+# What top-1 is measured on, and what option A keeps of it (whole statistics groups only); digits where not named.
+DIGITS_TEST = ("the 360 test images", "320 of the 360 at 64 a group")
+TEST_SETS = {experiment: ("the 10,000 test images", "9,984 of the 10,000 at 128 a group")
+             for experiment in ("study_fashion", "study_fashion_quick")}
+# Grids whose claims <files>_claims.md tests one by one, with the data set's reference accuracies to set beside
+# ours: (network, top-1 %, its preprocessing), from the benchmark table of github.com/zalandoresearch/fashion-mnist.
+CLAIMS = {"study_fashion": (("2 Conv+pooling+BN", 93.4, "no preprocessing"),
+                            ("ResNet18", 94.9, "normalization, random flips, translations and rotations"),
+                            ("WRN-28-10", 95.9, "mean/std standardization, random crops and horizontal flips"))}
 REACH_FRACTION = 0.95  # convergence speed: steps until 95% of the baseline's final top-1
 # Training loss flat: the mean of the last 10% of steps at most 20% (or 0.01) below that of the 10% before.
 FLAT_TOLERANCE, FLAT_ABSOLUTE = 0.2, 0.01
@@ -89,6 +132,20 @@ def mean_std(values: Sequence[float], digits: int) -> str:
     return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
+def interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean of ``values`` (Student's t with n - 1 degrees of
+    freedom), or None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    half = student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
+
+
+def interval_text(values: Sequence[float], digits: int) -> str:
+    bounds = interval(values)
+    return "—" if bounds is None else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
 def final_loss(run: Run) -> float | None:
     """Mean training loss over the last 10% of the run's logged steps."""
     losses = run.train_losses()
@@ -112,34 +169,45 @@ def rows_of(runs: Sequence[Run]) -> dict[tuple[tuple[int, int], str], list[Run]]
     return dict(sorted(rows.items(), key=lambda item: ((-item[0][0][0], -item[0][0][1]), variant_key(item[0][1]))))
 
 
-def baseline_top1(runs: Sequence[Run]) -> float | None:
-    values = [top1 for run in runs if run.finished and run.setting == BASELINE_SETTING and run.variant == "bn"
+def baseline_top1(runs: Sequence[Run], setting: Setting) -> float | None:
+    """The BN baseline's final top-1 at ``setting`` (population statistics), mean over its finished seeds."""
+    values = [top1 for run in runs if run.finished and run.setting == setting and run.variant == "bn"
               and (top1 := run.final("population")) is not None]
     return statistics.fmean(values) if values else None
 
 
+def final_top1s(runs: Sequence[Run], inference: str) -> list[float]:
+    """The final top-1 under ``inference`` of each finished run that recorded one. GN normalizes each
+    example with its own statistics, so its option A is its option B."""
+    return [top1 for run in runs if run.finished
+            and (top1 := run.final("population" if run.variant == "gn" else inference)) is not None]
+
+
 def write_results_table(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
-    header = ("| setting | normalizer | seeds | top-1 % B: population | top-1 % A: batch | final training loss "
-              "| loss flat | not finished |")
+    test_images, whole_groups = TEST_SETS.get(experiment, DIGITS_TEST)
+    header = ("| setting | normalizer | seeds | top-1 % B: population | B: 95% interval | top-1 % A: batch "
+              "| A: 95% interval | final training loss | loss flat | not finished |")
     lines = [f"# {experiment} — {EXPERIMENTS[experiment]}", "",
-             "Mean ± std over the finished seeds. Top-1 on the 360 test images after the last step; B: "
+             f"Mean ± std over the finished seeds, and the mean's 95% confidence interval (Student's t with "
+             f"n - 1 degrees of freedom, not clipped to 0-100; — with one seed). Top-1 on {test_images} after "
+             "the last step; B: "
              "population (running) statistics, the paper's option B; A: each test statistics group's own "
-             "statistics, option A, on whole groups only (320 of the 360 at 64 a group; GN has per-example statistics, "
+             f"statistics, option A, on whole groups only ({whole_groups}; GN has per-example statistics, "
              "so its A is its B). Final training loss: "
              f"mean of the last 10% of logged steps; loss flat: the runs whose last 10% lie at most "
              f"{FLAT_TOLERANCE:.0%} (or {FLAT_ABSOLUTE:g}) below the 10% before. Not finished: runs with another status (diverged, failed, ...) or that did not learn.",
-             "", header, "|---|---|---|---|---|---|---|---|"]
+             "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     records = []
     for (setting, variant), group in rows_of(runs).items():
         finished = [run for run in group if run.finished]
-        population = [v for run in finished if (v := run.final("population")) is not None]
-        batch = [v for run in finished if (v := run.final("batch")) is not None]
+        population, batch = final_top1s(group, "population"), final_top1s(group, "batch")
         losses = [v for run in finished if (v := final_loss(run)) is not None]
         flat = [run for run in finished if loss_is_flat(run)]
         others = sorted(f"{run.name}: {run.verdict}" for run in group if not (run.finished and run.learned))
-        batch_text = "= B" if variant == "gn" else mean_std(batch, 1)
+        batch_cells = ["= B", "= B"] if variant == "gn" else [mean_std(batch, 1), interval_text(batch, 1)]
         lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | {len(finished)} | {mean_std(population, 1)} "
-                     f"| {batch_text} | {mean_std(losses, 3)} | {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
+                     f"| {interval_text(population, 1)} | {' | '.join(batch_cells)} | {mean_std(losses, 3)} "
+                     f"| {len(flat)}/{len(finished)} | {'; '.join(others) or '—'} |")
         for run in group:
             records.append({"experiment": experiment, "setting": f"({setting[0]}, {setting[1]})", "normalizer": variant,
                             "seed": run.summary.get("seed"), "status": run.verdict,
@@ -172,14 +240,21 @@ def first_reach(run: Run, inference: str, threshold: float) -> int | None:
     return next((step for step, top1 in run.curve(inference) if top1 >= threshold), None)
 
 
+def steps_to_reach(runs: Sequence[Run], inference: str, threshold: float) -> list[int | None]:
+    """Per finished run, the step of its first evaluation at or above ``threshold`` (None: never)."""
+    return [first_reach(run, "population" if run.variant == "gn" else inference, threshold)
+            for run in runs if run.finished]
+
+
 def write_steps_to_baseline(experiment: str, runs: Sequence[Run], baseline: float, out_dir: Path) -> None:
-    """Writes ``steps_to_baseline<suffix>.md``: per setting and normalizer, the steps to 95% of ``baseline``."""
+    """Writes the grid's ``steps_to_baseline`` table: per setting and normalizer, the steps to 95% of ``baseline``."""
+    grid = GRIDS[experiment]
     threshold = REACH_FRACTION * baseline
     lines = [f"# Convergence speed ({experiment}: {EXPERIMENTS[experiment]}): optimizer steps (and examples) "
              "to reach 95% of the baseline", "",
-             f"The large-batch BN baseline {BASELINE_SETTING} reaches {baseline:.1f}% top-1 (population statistics, "
+             f"The large-batch BN baseline {grid.baseline} reaches {baseline:.1f}% top-1 (population statistics, "
              f"mean over seeds); the threshold is {REACH_FRACTION:.0%} of that, {threshold:.1f}%. Per run: the first "
-             "evaluation (one per epoch) at or above it; mean over the seeds that reach it, and how many do. "
+             f"evaluation ({grid.evaluations}) at or above it; mean over the seeds that reach it, and how many do. "
              "Examples = steps x gradient batch.", "",
              "| setting | normalizer | B: steps | B: examples | B: seeds reaching | A: steps | A: examples "
              "| A: seeds reaching |", "|---|---|---|---|---|---|---|---|"]
@@ -192,20 +267,22 @@ def write_steps_to_baseline(experiment: str, runs: Sequence[Run], baseline: floa
             if inference == "batch" and variant == "gn":
                 cells += ["= B", "= B", "= B"]
                 continue
-            steps = [s for run in finished if (s := first_reach(run, inference, threshold)) is not None]
+            steps = [s for s in steps_to_reach(finished, inference, threshold) if s is not None]
             mean = statistics.fmean(steps) if steps else None
             cells += ["—" if mean is None else f"{mean:.0f}", "—" if mean is None else f"{mean * setting[0]:,.0f}",
                       f"{len(steps)}/{len(finished)}"]
         lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | " + " | ".join(cells) + " |")
     lines += ["", f"- {PAPER_SPEED_CLAIM} Ours is a different network, data set and scale.",
               "", "Regenerate: `make study`."]
-    (out_dir / f"steps_to_baseline{WITH_BASELINE[experiment]}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{grid.files.format('steps_to_baseline')}.md").write_text("\n".join(lines) + "\n")
 
 
-def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
+def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> VarianceGaps:
     """Fig. 8 from the study's trained runs: |variance normalized with - moving variance|, BN vs BKN.
-    Writes ``variance_gap<suffix>.md`` and a heat map per setting."""
-    suffix = WITH_BASELINE[experiment]
+    Writes the grid's ``variance_gap`` table and a heat map per setting; returns the mean gap per
+    (setting, variant)."""
+    grid = GRIDS[experiment]
+    name = grid.files.format("variance_gap")
 
     lines = ["# Fig. 8 analogue: batch variance against moving variance in the trained study networks", "",
              "Seed 0 of each setting; the deepest normalization layer after a 3x3 conv; 64 test statistics groups "
@@ -214,20 +291,239 @@ def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> N
              "smaller than BN's (no number given).", "",
              "| setting | normalizer | layer | mean gap | median gap | mean gap / moving variance |", "|---|---|---|---|---|---|"]
     device = torch.device("cpu")
+    mean_gaps = {}
     for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
-        chosen = {variant: run for run in runs for variant in ("bn", "bkn-linear", "bkn-analytic")
+        chosen = {variant: run for run in runs for variant in ("bn", *grid.bkn)
                   if run.finished and run.setting == setting and run.variant == variant and run.summary.get("seed") == 0}
         if "bn" not in chosen or len(chosen) < 2:
             continue
         gaps = {variant: measure(run, None, 64, device) for variant, run in chosen.items()}
         for variant, gap in gaps.items():
+            mean_gaps[setting, variant] = float(gap.normalizing.mean())
             relative = gap.normalizing / (gap.moving[:, None] + 1e-12)
             lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | `{gap.layer}` | {gap.normalizing.mean():.4g} "
                          f"| {gap.normalizing.median():.4g} | {relative.mean():.4g} |")
         plot(gaps, f"{experiment} at {setting}: |batch variance - moving variance|, channels x test groups",
-             out_dir / f"variance_gap{suffix}_g{setting[0]}_s{setting[1]}.png")
-    lines += ["", f"Heat maps: variance_gap{suffix}_g<gradient>_s<statistics>.png. Regenerate: `make study`."]
-    (out_dir / f"variance_gap{suffix}.md").write_text("\n".join(lines) + "\n")
+             out_dir / f"{name}_g{setting[0]}_s{setting[1]}.png")
+    lines += ["", f"Heat maps: {name}_g<gradient>_s<statistics>.png. Regenerate: `make study`."]
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return mean_gaps
+
+
+# The paper's claims, tested (write_claims): one side is better than the other only where the 95%
+# intervals of their means do not overlap.
+BETTER, WORSE, LEVEL, UNDECIDED = "better", "worse", "level", "undecided"
+OPTIONS = {"B": "population", "A": "batch"}  # the paper's inference options
+Cells = dict[tuple[Setting, str], list[Run]]  # finished runs by (setting, variant)
+Measure = Callable[[Sequence[Run]], list]  # a value per run of a cell (None: it has none)
+Comparison = tuple[Setting, str, str, str, str]  # setting, variant, against, measure, verdict
+
+
+def verdict(ours: Sequence[float], theirs: Sequence[float], higher_is_better: bool = True) -> str:
+    """BETTER or WORSE where the 95% intervals of the two means do not overlap, LEVEL where they do
+    (the difference lies inside the seeds' spread), UNDECIDED where a side has fewer than two values."""
+    ours_bounds, theirs_bounds = interval(ours), interval(theirs)
+    if ours_bounds is None or theirs_bounds is None:
+        return UNDECIDED
+    if ours_bounds[0] > theirs_bounds[1]:
+        return BETTER if higher_is_better else WORSE
+    if ours_bounds[1] < theirs_bounds[0]:
+        return WORSE if higher_is_better else BETTER
+    return LEVEL
+
+
+def speed_verdict(ours: Sequence[int | None], theirs: Sequence[int | None]) -> str:
+    """Fewer steps to the threshold is better (None: a seed that never reached it). Both sides reach it
+    on every seed: ``verdict`` on the steps; one side on every seed and the other on none: BETTER or
+    WORSE; any other mix, or fewer than two seeds a side: UNDECIDED."""
+    if min(len(ours), len(theirs)) < 2:
+        return UNDECIDED
+    ours_all, theirs_all = None not in ours, None not in theirs
+    if ours_all and theirs_all:
+        return verdict(ours, theirs, higher_is_better=False)
+    if ours_all and set(theirs) == {None}:
+        return BETTER
+    if theirs_all and set(ours) == {None}:
+        return WORSE
+    return UNDECIDED
+
+
+def option_gaps(runs: Sequence[Run]) -> list[float]:
+    """Per finished run, |top-1 with batch statistics (A) - top-1 with population statistics (B)|."""
+    return [abs(batch - population) for run in runs if run.finished
+            and (batch := run.final("batch")) is not None and (population := run.final("population")) is not None]
+
+
+def per_option(values: Callable[..., list]) -> dict[str, Measure]:
+    """``values(runs, inference=...)`` under each inference option, as measures named B and A."""
+    return {option: functools.partial(values, inference=inference) for option, inference in OPTIONS.items()}
+
+
+def value_text(values: Sequence[float | None], digits: int) -> str:
+    """The mean of the values present with its 95% interval, and how many are present where some are not."""
+    present = [value for value in values if value is not None]
+    text = "—" if not present else f"{statistics.fmean(present):.{digits}f}"
+    if len(present) > 1:
+        text += f" {interval_text(present, digits)}"
+    return text + (f" ({len(present)}/{len(values)})" if len(present) < len(values) else "")
+
+
+def comparisons(cells: Cells, pairs: Sequence[tuple[Setting, str, str]], measures: dict[str, Measure],
+                judge: Callable[[list, list], str], digits: int) -> tuple[list[str], list[Comparison]]:
+    """A markdown table setting ``variant`` against ``against`` for each (setting, variant, against) of
+    ``pairs`` that has runs of both: per measure both sides and ``judge``'s verdict; and the verdicts."""
+    lines = ["| setting | normalizer | against | " + " | ".join(f"{title}: it | {title}: against | {title}: verdict"
+                                                          for title in measures) + " |",
+             "|---|---|---|" + "---|" * 3 * len(measures)]
+    verdicts = []
+    for setting, variant, against in pairs:
+        if (setting, variant) not in cells or (setting, against) not in cells:
+            continue
+        row = [f"({setting[0]}, {setting[1]})", label(variant), label(against)]
+        for title, values in measures.items():
+            ours, theirs = values(cells[setting, variant]), values(cells[setting, against])
+            word = judge(ours, theirs)
+            verdicts.append((setting, variant, against, title, word))
+            shown = f"**{word}**" if word in (BETTER, WORSE) else word
+            row += [value_text(ours, digits), value_text(theirs, digits), shown]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines, verdicts
+
+
+def claim_verdict(verdicts: Sequence[Comparison]) -> str:
+    """A claim holds where every one of its comparisons is BETTER, in part where some are, and is not
+    shown where none is; it is not testable yet where every comparison is UNDECIDED (or there is none)."""
+    words = [comparison[-1] for comparison in verdicts]
+    if words.count(UNDECIDED) == len(words):
+        overall = "not testable yet"
+    elif words.count(BETTER) == len(words):
+        overall = "holds"
+    else:
+        overall = "holds in part" if BETTER in words else "not shown"
+    counts = ", ".join(f"{word} in {words.count(word)}" for word in (BETTER, LEVEL, WORSE, UNDECIDED))
+    return f"**Verdict: {overall}** ({len(words)} comparisons: {counts})."
+
+
+def reference_lines(experiment: str, cells: Cells) -> list[str]:
+    """Our BN baseline and our best mean beside the data set's reference accuracies, each labelled as whose."""
+    baseline = GRIDS[experiment].baseline
+    means = [(statistics.fmean(values), setting, variant, option) for (setting, variant), group in cells.items()
+             for option, inference in OPTIONS.items() if (values := final_top1s(group, inference))]
+    lines = ["## Beside the data set's reference accuracies (theirs, not ours)", "",
+             "The Fashion-MNIST README (github.com/zalandoresearch/fashion-mnist, its benchmark table) lists test "
+             "accuracies that contributors submitted and the data set's authors did not check. Those networks train "
+             "on all 60,000 training images with their own schedules and preprocessing; ours train the study's small "
+             "network on its training subset (configs/experiment/study_fashion.yaml). Top-1 % on the 10,000 test "
+             "images; ours: mean [95% interval] over the seeds.", "",
+             "| network | top-1 % | whose |", "|---|---|---|",
+             f"| BN at {baseline}, B | {value_text(final_top1s(cells.get((baseline, 'bn'), []), 'population'), 1)} "
+             "| ours: the baseline |"]
+    if means:
+        _, setting, variant, option = max(means)
+        best = value_text(final_top1s(cells[setting, variant], OPTIONS[option]), 1)
+        lines.append(f"| {label(variant)} at {setting}, {option} | {best} | ours: the grid's best mean |")
+    lines += [f"| {network} | {top1:.1f} | theirs: a contributor's, in the data set's README ({preprocessing}) |"
+              for network, top1, preprocessing in CLAIMS[experiment]]
+    return lines + [""]
+
+
+def accuracy_claim(cells: Cells, grid: Grid, micro: Sequence[Setting]) -> list[str]:
+    """Claim (a): each BKN against BN and BRN at the micro-batch settings, final top-1."""
+    pairs = [(setting, bkn, other) for setting in micro for bkn in grid.bkn for other in ("bn", "brn")]
+    table, verdicts = comparisons(cells, pairs, per_option(final_top1s), verdict, 1)
+    return ["## (a) BKN is more accurate than BN and BRN at micro-batches", "",
+            "The paper (Figs. 3-7, ImageNet): with small statistics batches BKN's top-1 lies above BN's and BRN's. "
+            f"Here: final top-1 %, each BKN against BN and BRN at every setting but the baseline {grid.baseline}.",
+            "", claim_verdict(verdicts), "", *table, ""]
+
+
+def speed_claim(cells: Cells, grid: Grid, micro: Sequence[Setting], baseline: float | None) -> list[str]:
+    """Claim (b): each BKN against BN and BRN at the micro-batch settings, steps to 95% of the baseline."""
+    lines = ["## (b) BKN converges faster", "",
+             f"{PAPER_SPEED_CLAIM} The paper's Fig. 7: at (8, 2) BKN converges faster than BN and BRN.", ""]
+    if baseline is None:
+        return lines + [f"Not testable yet: the BN baseline {grid.baseline} has not finished.", ""]
+    threshold = REACH_FRACTION * baseline
+    pairs = [(setting, bkn, other) for setting in micro for bkn in grid.bkn for other in ("bn", "brn")]
+    table, verdicts = comparisons(cells, pairs, per_option(functools.partial(steps_to_reach, threshold=threshold)),
+                                  speed_verdict, 0)
+    return lines + [f"Here: optimizer steps until a run's first evaluation ({grid.evaluations}) at or above "
+                    f"{REACH_FRACTION:.0%} of the BN baseline's final top-1 ({threshold:.1f}% of {baseline:.1f}%; "
+                    f"{grid.files.format('steps_to_baseline')}.md), over the seeds that reach it. Faster (better) "
+                    "where both sides reach it on every seed and the intervals do not overlap, or where one side "
+                    "reaches it on every seed and the other on none; any other mix is undecided.", "",
+                    claim_verdict(verdicts), "", *table, ""]
+
+
+def statistics_claim(cells: Cells, grid: Grid, micro: Sequence[Setting], gaps: VarianceGaps) -> list[str]:
+    """Claim (c): each BKN against BN at the micro-batch settings, the gap between the inference
+    options from every seed, then the Fig. 8 analogue's gaps where measured."""
+    pairs = [(setting, bkn, "bn") for setting in micro for bkn in grid.bkn]
+    table, verdicts = comparisons(cells, pairs, {"A-B gap": option_gaps},
+                                  functools.partial(verdict, higher_is_better=False), 1)
+    return ["## (c) BKN's statistics stay closer to the population statistics", "",
+            "The paper (Fig. 8, CIFAR-10): the variance BKN normalizes with lies closer to its moving variance than "
+            "BN's. Here, from every seed, the A-B gap: the points between a run's top-1 with each test group's own "
+            "statistics (A) and with the population statistics (B), either way round; a smaller gap (better) means "
+            "the statistics a layer normalizes with are closer to the population statistics it is tested with. "
+            "Each BKN against BN at every setting but the baseline.", "",
+            claim_verdict(verdicts), "", *table, "", *fig8_lines(grid, micro, gaps)]
+
+
+def fig8_lines(grid: Grid, settings: Sequence[Setting], gaps: VarianceGaps) -> list[str]:
+    """The Fig. 8 analogue's mean gaps, each BKN beside BN, where they were measured."""
+    rows = [(setting, bkn) for setting in settings for bkn in grid.bkn
+            if (setting, bkn) in gaps and (setting, "bn") in gaps]
+    name = grid.files.format("variance_gap")
+    if not rows:
+        return [f"The Fig. 8 analogue ({name}.md) was not measured here: it needs the runs' checkpoints "
+                "(`make study` without --no-checkpoints).", ""]
+    lines = [f"The Fig. 8 analogue ({name}.md: seed 0, one layer, so no spread to judge against): the mean "
+             "|variance normalized with - moving variance|.", "",
+             "| setting | normalizer | its mean gap | BN's mean gap | smaller than BN's |", "|---|---|---|---|---|"]
+    lines += [f"| {setting} | {label(bkn)} | {gaps[setting, bkn]:.4g} | {gaps[setting, 'bn']:.4g} | "
+              f"{'yes' if gaps[setting, bkn] < gaps[setting, 'bn'] else 'no'} |" for setting, bkn in rows]
+    return lines + [""]
+
+
+def gn_lines(cells: Cells, grid: Grid, settings: Sequence[Setting]) -> list[str]:
+    """Where GN wins: GN against every other normalizer at every setting, final top-1."""
+    pairs = [(setting, "gn", other) for setting in settings for other in ("bn", "brn", *grid.bkn)]
+    table, verdicts = comparisons(cells, pairs, per_option(final_top1s), verdict, 1)
+    wins: dict[tuple[Setting, str], list[str]] = defaultdict(list)
+    for setting, _, against, option, word in verdicts:
+        if word == BETTER:
+            wins[setting, against].append(option)
+    where = "; ".join(f"{label(against)} at {setting} with {' and '.join(options)}"
+                      for (setting, against), options in wins.items())
+    return ["## Where GN wins", "",
+            "GN normalizes each example by itself, so the batch does not touch it (its A is its B). GN against "
+            f"every other normalizer at every setting: GN is better than {where or 'none of them anywhere'}.", "",
+            *table, ""]
+
+
+def write_claims(experiment: str, runs: Sequence[Run], baseline: float | None, gaps: VarianceGaps,
+                 out_dir: Path) -> None:
+    """Writes ``<files>_claims.md``: the data set's reference accuracies beside ours, then the paper's
+    claims tested one by one at every setting but the baseline, each with a verdict from the numbers
+    (``gaps``: the Fig. 8 analogue's mean gaps, where measured), and where GN wins."""
+    grid = GRIDS[experiment]
+    cells = {key: [run for run in group if run.finished] for key, group in rows_of(runs).items()}
+    settings = list(dict.fromkeys(setting for setting, _ in cells))
+    micro = [setting for setting in settings if setting != grid.baseline]
+    lines = [f"# {experiment}: the paper's claims, tested", "",
+             f"{label(DEFAULT_BKN)} is BKN as configured by default, {label(AUTHORS_BKN)} the authors' code exactly. "
+             "Each comparison sets one normalizer (it) against another at one setting: the mean over the finished "
+             "seeds and its 95% confidence interval (Student's t, n - 1 degrees of freedom; (k/n): only k of the n "
+             "seeds have a value). **better** / **worse**: the two intervals do not overlap; level: they do, the "
+             "difference lies inside the seeds' spread; undecided: a side has fewer than two seeds. A claim holds "
+             "where every one of its comparisons is better, holds in part where some are, and is not shown where "
+             "none is. B: population statistics (option B); A: each test group's own statistics (option A).", "",
+             *reference_lines(experiment, cells), *accuracy_claim(cells, grid, micro),
+             *speed_claim(cells, grid, micro, baseline), *statistics_claim(cells, grid, micro, gaps),
+             *gn_lines(cells, grid, settings),
+             "Regenerate: `make study` (after the parts have run: `make study PART=fashion_all`)."]
+    (out_dir / f"{grid.files.format('claims')}.md").write_text("\n".join(lines) + "\n")
 
 
 def best_top1(run: Run) -> float | None:
@@ -363,14 +659,16 @@ def wall_times(runs_dir: Path, records_dir: Path) -> dict[str, float]:
 
 
 def status_line(baseline: float | None) -> str:
+    """The README's first line: whether the main grid's BN baseline finished and converged."""
+    setting = GRIDS["study"].baseline
     if baseline is None:
-        return (f"{README_STATUS_PREFIX} INCOMPLETE — the large-batch BN baseline {BASELINE_SETTING} has not "
+        return (f"{README_STATUS_PREFIX} INCOMPLETE — the large-batch BN baseline {setting} has not "
                 "finished (make study PART=baseline); nothing here is checked for convergence yet.")
     if baseline < CONVERGED_TOP1:
-        return (f"{README_STATUS_PREFIX} NOT CONVERGED — the large-batch BN baseline {BASELINE_SETTING} reaches "
+        return (f"{README_STATUS_PREFIX} NOT CONVERGED — the large-batch BN baseline {setting} reaches "
                 f"{baseline:.1f}% top-1 (population statistics), below the {CONVERGED_TOP1:g}% this study requires; "
                 "its numbers are not evidence.")
-    return (f"{README_STATUS_PREFIX} converged — the large-batch BN baseline {BASELINE_SETTING} reaches {baseline:.1f}% "
+    return (f"{README_STATUS_PREFIX} converged — the large-batch BN baseline {setting} reaches {baseline:.1f}% "
             f"top-1 (population statistics, >= {CONVERGED_TOP1:g}%).")
 
 
@@ -427,12 +725,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         write_results_table(experiment, runs, args.out_dir)
         write_figure(experiment, runs, args.out_dir)
-        if experiment in WITH_BASELINE:
-            baseline = baseline_top1(runs)
+        if experiment in GRIDS:
+            baseline = baseline_top1(runs, GRIDS[experiment].baseline)
             if baseline is not None:
                 write_steps_to_baseline(experiment, runs, baseline, args.out_dir)
-            if not args.no_checkpoints:
-                write_variance_gap(experiment, with_checkpoints(runs), args.out_dir)
+            gaps = {} if args.no_checkpoints else write_variance_gap(experiment, with_checkpoints(runs), args.out_dir)
+            if experiment in CLAIMS:
+                write_claims(experiment, runs, baseline, gaps, args.out_dir)
         if experiment in PRIOR_FIT and not args.no_checkpoints:
             rows = prior_fit.summarize(with_checkpoints(runs), batches=4, device=torch.device("cpu"))
             if rows:
@@ -441,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prior_fit.write_markdown(prior_fit.initial_rows(batches=4), args.out_dir / "prior_fit_initial.md",
                                  "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
     main_runs = load_runs(args.runs_dir, records_dir, "study")
-    line = status_line(baseline_top1(main_runs))
+    line = status_line(baseline_top1(main_runs, GRIDS["study"].baseline))
     times = wall_times(args.runs_dir, records_dir)
     if times:
         line += " Wall time per part (records/wall_times.jsonl): " + ", ".join(f"{part} {seconds / 60:.0f} min"

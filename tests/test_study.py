@@ -8,8 +8,10 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -124,15 +126,19 @@ def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], normalizer: dict, seed: int, *,
-                    top1: float, losses: list[float], curve: list[tuple[int, float]], status: str = "finished") -> None:
-    variant = normalizer["name"] + (f"-{normalizer['transition']}" if "transition" in normalizer else "")
+                    top1: float, losses: list[float], curve: list[tuple[int, float]], status: str = "finished",
+                    batch_top1: float | None = None, learned: bool = True) -> None:
+    """A run's record; ``top1``: its final top-1 with population statistics (with batch statistics
+    ``batch_top1``, one point less if not given); ``curve``: its evaluations under both options."""
+    variant = "-".join(str(value) for key, value in normalizer.items() if key in ("name", "transition", "state_from"))
     name = f"g{setting[0]}_s{setting[1]}_{variant}_seed{seed}"
     directory = runs_dir / experiment / name
     directory.mkdir(parents=True)
     summary = {"experiment": experiment, "run": name, "status": status, "normalizer": normalizer["name"],
                "transition": normalizer.get("transition"), "gradient_batch_size": setting[0],
                "statistics_batch_size": setting[1], "per_device_batch_size": setting[0], "seed": seed,
-               "final": {"population": {"top1": top1}, "batch": {"top1": top1 - 1}}}
+               "learned": learned, "final": {"population": {"top1": top1},
+                                             "batch": {"top1": top1 - 1 if batch_top1 is None else batch_top1}}}
     (directory / "summary.json").write_text(json.dumps(summary))
     (directory / "config.yaml").write_text(yaml.safe_dump({"normalizer": normalizer, "seed": seed}))
     lines = [{"kind": "train", "step": 10 * (i + 1), "loss": loss} for i, loss in enumerate(losses)]
@@ -171,11 +177,13 @@ def test_report_rows_final_loss_and_steps_to_the_baseline(tmp_path: Path) -> Non
              for line in lines}
     bn_baseline = cells["(64, 64)", "BN"]
     assert bn_baseline[3] == f"{statistics.fmean(baseline):.1f} ± {statistics.stdev(baseline):.1f}"
-    assert bn_baseline[5] == "0.100 ± 0.000" and bn_baseline[6] == "2/2"
+    half = 12.7062 * statistics.stdev(baseline) / 2 ** 0.5  # Student's t, 1 degree of freedom, 97.5%
+    assert bn_baseline[4] == f"[{statistics.fmean(baseline) - half:.1f}, {statistics.fmean(baseline) + half:.1f}]"
+    assert bn_baseline[7] == "0.100 ± 0.000" and bn_baseline[8] == "2/2"
     bkn = cells["(16, 1)", "BKN (analytic)"]
     assert bkn[3] == f"{statistics.fmean([90.0, 96.0]):.1f} ± {statistics.stdev([90.0, 96.0]):.1f}"
-    assert bkn[5] == f"{statistics.fmean(falling[-2:]):.3f} ± 0.000" and bkn[6] == "0/2"
-    assert cells["(16, 1)", "BN"][7] == "g16_s1_bn_seed0: diverged" and cells["(16, 1)", "BN"][3] == "—"
+    assert bkn[7] == f"{statistics.fmean(falling[-2:]):.3f} ± 0.000" and bkn[8] == "0/2"
+    assert cells["(16, 1)", "BN"][9] == "g16_s1_bn_seed0: diverged" and cells["(16, 1)", "BN"][3] == "—"
 
     threshold = 0.95 * statistics.fmean(baseline)  # 93.575: seed 0 reaches it at step 40, seed 1 at 20
     speed = [line for line in (out / "steps_to_baseline.md").read_text().splitlines() if line.startswith("| (16, 1) | BKN")]
@@ -263,3 +271,162 @@ def test_robustness_report_finds_the_largest_learning_rate_and_checks_the_defaul
     assert "| cifar_net | (16, 2) | 0.1 | 98.0 | 97.0 | yes |" in text
     assert "| cifar_net | (16, 2) | 0.4 | 93.0 | 40.0 | **no** |" in text
     assert (tmp_path / "out" / "study_robustness.png").stat().st_size > 0
+
+
+T_975 = {2: 4.302653}  # Student's t, 97.5% quantile, by degrees of freedom (a printed table's value)
+AUTHORS_BKN = {"name": "bkn", "transition": "monte_carlo", "state_from": "input"}
+FASHION_NORMALIZERS = {"bn": {"name": "bn"}, "brn": {"name": "brn"}, "gn": {"name": "gn"},
+                       "bkn-linear": {"name": "bkn", "transition": "linear"}, "bkn-monte_carlo-state_input": AUTHORS_BKN}
+FASHION_MICRO = ((16, 1), (8, 2))
+SEED_OFFSETS = (-0.3, 0.0, 0.3)  # three seeds: std 0.3, 95% interval mean ± 0.75
+
+
+def write_fashion_cell(runs: Path, setting: tuple[int, int], variant: str, population: float, batch: float,
+                       reached_at: int | None) -> None:
+    """Three seeds of one cell of study_fashion, evaluated at steps 100, 200 and 300: at 50% before
+    ``reached_at``, at 95% from it on (None: never)."""
+    curve = [(step, 95.0 if reached_at is not None and step >= reached_at else 50.0) for step in (100, 200, 300)]
+    for seed, offset in enumerate(SEED_OFFSETS):
+        write_study_run(runs, "study_fashion", setting, FASHION_NORMALIZERS[variant], seed, top1=population + offset,
+                        batch_top1=batch + offset, losses=[1.0] * 20, curve=curve)
+
+
+def write_fashion_grid(runs: Path, bkn_ahead: bool) -> None:
+    """The BN baseline at 91% (threshold 86.45%) and, at both micro-batch settings, every normalizer:
+    BKN far ahead of BN and BRN (higher top-1, options closer, faster), or, with ``bkn_ahead`` false,
+    far behind (the numbers swapped). GN at 85% between them."""
+    ahead, behind = (90.0, 89.5, 100), (60.0, 85.0, None)  # B, A, first evaluation at 95%
+    for variant in FASHION_NORMALIZERS:
+        write_fashion_cell(runs, (128, 128), variant, 91.0, 90.0, 100)
+    for setting in FASHION_MICRO:
+        write_fashion_cell(runs, setting, "gn", 85.0, 85.0, 200)
+        for variant in ("bn", "brn", "bkn-linear", "bkn-monte_carlo-state_input"):
+            is_bkn = variant.startswith("bkn")
+            write_fashion_cell(runs, setting, variant, *(ahead if is_bkn == bkn_ahead else behind))
+
+
+def sections(text: str) -> dict[str, str]:
+    """A markdown file's sections by the first word of their ``##`` heading."""
+    return {part.split()[0]: part for part in text.split("\n## ")[1:]}
+
+
+def table_row(text: str, start: str) -> list[str]:
+    return next([cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+                if line.startswith(start))
+
+
+def test_fashion_report_writes_its_tables_with_confidence_intervals(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    report(runs, out)
+    assert not list(out.glob("study_fashion*"))  # no runs yet: nothing written, no crash
+    write_fashion_grid(runs, bkn_ahead=True)
+    write_study_run(runs, "study_fashion", (8, 2), {"name": "bn"}, 3, top1=10.0, losses=[2.3] * 20,
+                    curve=[(100, 10.0)], learned=False)
+    report(runs, out)
+    assert {path.name for path in out.glob("study_fashion*")} == {
+        "study_fashion.md", "study_fashion.csv", "study_fashion.png", "study_fashion_steps_to_baseline.md",
+        "study_fashion_claims.md"}  # the Fig. 8 analogue needs checkpoints
+    assert not (out / "steps_to_baseline.md").exists()  # the digits' own files are not touched
+
+    text = (out / "study_fashion.md").read_text()
+    assert "Top-1 on the 10,000 test images" in text
+    row = table_row(text, "| (16, 1) | BKN (linear) |")
+    population = [90.0 + offset for offset in SEED_OFFSETS]
+    half = T_975[2] * statistics.stdev(population) / 3 ** 0.5
+    assert row[3] == f"{statistics.fmean(population):.1f} ± {statistics.stdev(population):.1f}"
+    assert row[4] == f"[{statistics.fmean(population) - half:.1f}, {statistics.fmean(population) + half:.1f}]"
+    assert row[6] == f"[{89.5 - half:.1f}, {89.5 + half:.1f}]"
+    assert table_row(text, "| (8, 2) | BN |")[9] == "g8_s2_bn_seed3: finished, did not learn"
+    assert table_row(text, "| (8, 2) | GN |")[5:7] == ["= B", "= B"]
+
+    speed = (out / "study_fashion_steps_to_baseline.md").read_text()
+    assert "baseline (128, 128) reaches 91.0%" in speed and "one every 3 epochs" in speed
+    assert table_row(speed, "| (16, 1) | BKN (linear) |")[2:5] == ["100", "1,600", "3/3"]
+
+    claims = (out / "study_fashion_claims.md").read_text()
+    references = sections(claims)["Beside"]
+    assert "| BN at (128, 128), B | 91.0 [90.3, 91.7] | ours: the baseline |" in references
+    for network, top1 in (("2 Conv+pooling+BN", "93.4"), ("ResNet18", "94.9"), ("WRN-28-10", "95.9")):
+        assert f"| {network} | {top1} | theirs: a contributor's, in the data set's README" in references
+
+
+@pytest.mark.parametrize("bkn_ahead", [True, False])
+def test_fashion_claims_verdicts_follow_the_numbers(tmp_path: Path, bkn_ahead: bool) -> None:
+    write_fashion_grid(tmp_path / "runs", bkn_ahead)
+    runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
+    gaps = {(setting, variant): (0.1 if variant.startswith("bkn") == bkn_ahead else 0.3)
+            for setting in FASHION_MICRO for variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")}
+    study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
+    claims = sections((tmp_path / "study_fashion_claims.md").read_text())
+
+    overall, row = ("holds", "better") if bkn_ahead else ("not shown", "worse")
+    for claim, n in (("(a)", 16), ("(b)", 16), ("(c)", 4)):
+        better, worse = (n, 0) if bkn_ahead else (0, n)
+        assert (f"**Verdict: {overall}** ({n} comparisons: better in {better}, level in 0, worse in {worse}, "
+                "undecided in 0).") in claims[claim]
+    assert table_row(claims["(a)"], "| (8, 2) | BKN (monte_carlo, state_input) | BRN |")[5:9:3] == [f"**{row}**"] * 2
+    assert table_row(claims["(b)"], "| (16, 1) | BKN (linear) | BN |")[3:6] == (
+        ["100 [100, 100]", "— (0/3)", "**better**"] if bkn_ahead else ["— (0/3)", "100 [100, 100]", "**worse**"])
+    assert table_row(claims["(c)"], "| (16, 1) | BKN (linear) | BN |")[5] == f"**{row}**"
+    fig8 = claims["(c)"].split("The Fig. 8 analogue")[1]  # one seed: smaller or not, no interval
+    expected = ["0.1", "0.3", "yes"] if bkn_ahead else ["0.3", "0.1", "no"]  # its gap, BN's, smaller
+    assert table_row(fig8, "| (8, 2) | BKN (linear) |")[2:] == expected
+    # GN at 85% beats whoever is at 60% with population statistics (B), and is level with their 85% with A.
+    losers = ("BN", "BRN") if bkn_ahead else ("BKN (linear)", "BKN (monte_carlo, state_input)")
+    wins = "; ".join(f"{loser} at {setting} with B" for setting in FASHION_MICRO for loser in losers)
+    assert f"GN is better than {wins}." in claims["Where"]
+
+
+def test_overlapping_intervals_are_level_however_far_apart_the_means() -> None:
+    ours = [90.0, 91.0, 92.0]  # mean 91, 95% interval 91 ± 4.30 / sqrt(3) = [88.52, 93.48]
+    assert study_report.verdict(ours, [86.0, 87.0, 88.0]) == "level"  # [84.52, 89.48]: 4 points, inside the spread
+    assert study_report.verdict(ours, [84.0, 85.0, 86.0]) == "better"  # [82.52, 87.48]
+    assert study_report.verdict([84.0, 85.0, 86.0], ours) == "worse"
+    assert study_report.verdict(ours, [84.0, 85.0, 86.0], higher_is_better=False) == "worse"
+    assert study_report.verdict([91.0], [50.0, 51.0]) == "undecided"  # one seed: no interval
+
+
+def test_steps_verdict_compares_like_with_like() -> None:
+    never = [None, None, None]
+    assert study_report.speed_verdict([300, 300, 300], [600, 600, 600]) == "better"
+    assert study_report.speed_verdict([300, 300, 300], never) == "better"
+    assert study_report.speed_verdict(never, [600, 600, 600]) == "worse"
+    assert study_report.speed_verdict([300, None, 300], never) == "undecided"  # a seed of ours never got there
+    assert study_report.speed_verdict([300], [None]) == "undecided"
+
+
+def test_fashion_claims_without_a_baseline_say_what_is_missing(tmp_path: Path) -> None:
+    for setting in FASHION_MICRO:
+        for variant in ("bn", "bkn-linear"):
+            write_fashion_cell(tmp_path / "runs", setting, variant, 80.0, 80.0, None)
+    report(tmp_path / "runs", tmp_path / "out")
+    claims = sections((tmp_path / "out" / "study_fashion_claims.md").read_text())
+    assert "Not testable yet: the BN baseline (128, 128) has not finished." in claims["(b)"]
+    assert "**Verdict: not shown** (4 comparisons: better in 0, level in 4," in claims["(a)"]  # no BRN, no authors' BKN
+    assert "was not measured here: it needs the runs' checkpoints" in claims["(c)"]
+    assert not (tmp_path / "out" / "study_fashion_steps_to_baseline.md").exists()
+
+
+def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(tmp_path: Path, monkeypatch) -> None:
+    """The measured gaps (here faked: no trained network) go to the grid's own files and to claim (c)."""
+    write_fashion_grid(tmp_path / "runs", bkn_ahead=True)
+    runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
+
+    def measure(run, layer, batches, device) -> SimpleNamespace:
+        gap = 0.1 if run.variant.startswith("bkn") else 0.3
+        return SimpleNamespace(layer="blocks.2.conv1.norm", normalizing=torch.full((4, batches), gap),
+                               moving=torch.ones(4))
+
+    monkeypatch.setattr(study_report, "measure", measure)
+    monkeypatch.setattr(study_report, "plot", lambda gaps, title, path: path.write_text(" ".join(gaps)))
+    gaps = study_report.write_variance_gap("study_fashion", runs, tmp_path)
+    assert gaps == pytest.approx({(setting, variant): 0.1 if variant.startswith("bkn") else 0.3
+                                  for setting in ((128, 128), *FASHION_MICRO)
+                                  for variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")})
+    assert set((tmp_path / "study_fashion_variance_gap_g8_s2.png").read_text().split()) == {
+        "bn", "bkn-linear", "bkn-monte_carlo-state_input"}
+    assert "| (8, 2) | BKN (monte_carlo, state_input) | `blocks.2.conv1.norm` | 0.1 |" in (
+        tmp_path / "study_fashion_variance_gap.md").read_text()
+    study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
+    fig8 = sections((tmp_path / "study_fashion_claims.md").read_text())["(c)"].split("The Fig. 8 analogue")[1]
+    assert table_row(fig8, "| (16, 1) | BKN (monte_carlo, state_input) |")[2:] == ["0.1", "0.3", "yes"]
