@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from scipy.stats import t as student_t  # scipy comes with scikit-learn
+from scipy.stats import t as student_t
 
 from bkn.engine.checkpoint import checkpoint_path
 
