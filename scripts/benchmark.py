@@ -129,6 +129,7 @@ class Options:
     loader_batches: int = 10
     loader_workers: int = 2
     seed: int = 0
+    threads: int | None = None  # torch's intra-op threads (None: torch's default, all cores)
 
 
 def targets_for(device_type: str) -> list[Target]:
@@ -170,8 +171,8 @@ PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
              Setting("inception_v2", 224, 1000, 32, 4, ("bn", "bn_groups", "brn", *BKN_VARIANTS))),
             Options("cuda", warmup=10, steps=20, repeats=7, amp=True, channels_last=True,
                     loaders=("imagenet",), loader_workers=8)),
-    # Micro-batches, one thread (OMP_NUM_THREADS=1): 20 steps of 20-80 ms per variant and repeat.
-    "micro": (micro_settings("default"), Options("cpu", warmup=3, steps=20, repeats=7)),
+    # Micro-batches, one thread (as the issue measured): 20 steps of 20-80 ms per variant and repeat.
+    "micro": (micro_settings("default"), Options("cpu", warmup=3, steps=20, repeats=7, threads=1)),
     # The same on one GPU, compiled with CUDA graphs: there a micro-batch step is bound by kernel launches.
     "micro_gpu": (micro_settings("reduce-overhead"), Options("cuda", warmup=10, steps=50, repeats=7)),
 }
@@ -649,6 +650,8 @@ def main(argv: list[str] | None = None) -> None:
         settings, options = resolve(args)
     except ValueError as error:
         sys.exit(f"benchmark: {error}")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     candidates = []
     for setting in settings:

@@ -6,7 +6,7 @@ the difference to torch.nn.BatchNorm2d (the ratio the micro benchmark reports). 
 a few microseconds to every op, so the totals are above the benchmark's step times and weigh small
 ops more; use it for where the time goes, and scripts/benchmark.py for how much.
 
-    OMP_NUM_THREADS=1 python scripts/profile_step.py                          # -> results/benchmark/micro_profile.md
+    python scripts/profile_step.py                                          # -> results/benchmark/micro_profile.md
     python scripts/profile_step.py --image-size 8 --variants torch_bn,bkn_linear --output /tmp/profile.md
 """
 
@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="torch_bn,bn_groups,brn,bkn_linear,bkn_analytic,bkn_monte_carlo")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3, help="profiled rounds, after one dropped (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads (default 1, as the micro preset)")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "benchmark" / "micro_profile.md")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
     if "torch_bn" not in variants:
         parser.error("--variants must include torch_bn, the reference")
