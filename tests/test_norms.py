@@ -461,6 +461,29 @@ def test_torch_compile_matches_eager(transition):
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("name", ["bn", "brn", "bkn"])
+def test_compiled_training_step_has_no_graph_break_and_matches_eager(name):
+    """fullgraph=True raises at a graph break; aot_eager traces the backward as well (the autograd
+    Functions' forward and backward) without the cost of generating kernels."""
+    options = {"gain_warmup": 0} if name == "bkn" else {"warmup_steps": 0, "relax_steps": 1} if name == "brn" else {}
+    eager = N.build_norm(name, 3, statistics_batch_size=2, **options)
+    randomize_affine(eager)
+    compiled_layer = copy.deepcopy(eager)
+    forward = (lambda layer, v: layer(v, None)[0]) if name == "bkn" else (lambda layer, v: layer(v))
+    compiled = torch.compile(lambda v: forward(compiled_layer, v), fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    for _ in range(2):  # the second step sees the running statistics the first one left (BRN's r and d)
+        input_grads = []
+        for step in (lambda v: forward(eager, v), compiled):
+            v = x.clone().requires_grad_()
+            step(v).pow(3).sum().backward()
+            input_grads.append(v.grad)
+        torch.testing.assert_close(input_grads[1], input_grads[0], rtol=1e-4, atol=1e-4)
+    for (key, value), expected in zip(compiled_layer.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(compiled_layer.weight.grad, eager.weight.grad, rtol=1e-4, atol=1e-4)
+
+
 # --- GroupNorm: PyTorch's own GroupNorm is the reference --------------------------------------
 
 @pytest.mark.parametrize("channels, requested, used", [(64, 32, 32), (16, 32, 16), (48, 32, 24), (6, 4, 3)])
