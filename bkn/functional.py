@@ -12,6 +12,7 @@ Statistics are float32 (float64 for float64 input), also under autocast.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -87,14 +88,26 @@ def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, T
     activations, unlike ``E[x^2] - E[x]^2``.
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
-    with torch.autocast(x.device.type, enabled=False):
-        mean, var = _GroupStats.apply(x.to(statistics_dtype(x.dtype)), groups)
+    with without_autocast(x.device.type):
+        mean, var = _GroupStats.apply(cast(x, statistics_dtype(x.dtype)), groups)
     return mean.view(groups, -1), var.view(groups, -1)
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics of ``dtype`` activations are kept in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without the call where it already has that dtype: at micro-batches a
+    normalization layer's time is mostly per-op overhead, and ``.to`` costs as much as a small kernel."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off (statistics stay float32), entered only where it is on: entering
+    ``torch.autocast`` costs about as much as a small kernel."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 class _Normalize(torch.autograd.Function):
@@ -157,8 +170,8 @@ class _BatchNorm(torch.autograd.Function):
                 statistics: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         grouped = _grouped(x, groups)
         if statistics is None:
-            with torch.autocast(x.device.type, enabled=False):
-                statistics = _channel_statistics(grouped.to(statistics_dtype(x.dtype)))
+            with without_autocast(x.device.type):
+                statistics = _channel_statistics(cast(grouped, statistics_dtype(x.dtype)))
         mean, var = statistics
         y = torch.batch_norm(grouped, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.save_for_backward(x, weight, mean, var)
@@ -171,7 +184,7 @@ class _BatchNorm(torch.autograd.Function):
         x, weight, mean, var = ctx.saved_tensors
         if torch.is_grad_enabled():  # differentiated again: the statistics as the functions of x they are
             grouped = _grouped(x, ctx.groups)
-            var, mean = torch.var_mean(grouped.to(mean.dtype), dim=[0, *range(2, grouped.dim())], correction=0)
+            var, mean = torch.var_mean(cast(grouped, mean.dtype), dim=[0, *range(2, grouped.dim())], correction=0)
         grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, weight, ctx, training=True)
         return grad_x, grad_weight, grad_bias, None, None, None
 
@@ -256,9 +269,11 @@ def _per_group_affine(weight: Tensor | None, bias: Tensor | None, groups: int, c
                       like: Tensor) -> tuple[Tensor, Tensor]:
     """``(C,)`` or ``(G, C)`` affine parameters (None: 1 and 0) as the grouped view's ``(G*C,)``,
     in the statistics' dtype."""
-    weight = like.new_ones(channels) if weight is None else weight
-    bias = like.new_zeros(channels) if bias is None else bias
-    return tuple(p.to(like.dtype).expand(groups, channels).reshape(-1) for p in (weight, bias))
+    weight = like.new_ones(channels) if weight is None else cast(weight, like.dtype)
+    bias = like.new_zeros(channels) if bias is None else cast(bias, like.dtype)
+    if groups == 1 and weight.dim() == 1:
+        return weight, bias
+    return tuple(p.expand(groups, channels).reshape(-1) for p in (weight, bias))
 
 
 def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_var: Tensor,
@@ -279,10 +294,10 @@ def normalized_moments(obs_mean: Tensor, obs_var: Tensor, mean: Tensor, var: Ten
     group statistics are ``obs_mean``, ``obs_var``: exact, without a pass over ``x``."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.to(var.dtype)
+        scale = scale * cast(weight, var.dtype)
     out_mean = scale * (obs_mean - mean)
     if bias is not None:
-        out_mean = out_mean + bias.to(var.dtype)
+        out_mean = out_mean + cast(bias, var.dtype)
     return out_mean, scale * scale * obs_var
 
 
