@@ -134,14 +134,17 @@ class _Normalize(torch.autograd.Function):
                 weight: Tensor, bias: Tensor, eps: float, groups: int) -> Tensor:
         ctx.save_for_backward(x, mean, var, weight, obs_mean)
         ctx.eps, ctx.groups, ctx.observed = eps, groups, obs_mean is not None
-        y = torch.batch_norm(_grouped(x, groups), weight, bias, mean, var, False, 0.0, eps,
-                             torch.backends.cudnn.enabled)
+        ctx.bias_per_group = bias.dim() == 2
+        y = torch.batch_norm(_grouped(x, groups), _flat(weight, groups), _flat(bias, groups), mean.view(-1),
+                             var.view(-1), False, 0.0, eps, torch.backends.cudnn.enabled)
         return y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, mean, var, weight, obs_mean = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, weight, ctx, ctx.observed)
+        grad_x, grad_weight, grad_bias = _batch_norm_backward(
+            grad_out, x, mean.view(-1), var.view(-1), _flat(weight, ctx.groups), ctx, ctx.observed)
+        grad_weight, grad_bias = grad_weight.view(mean.shape), grad_bias.view(mean.shape)  # (G, C)
         invstd = torch.rsqrt(var + ctx.eps)
         grad_mean = -grad_bias * weight * invstd
         grad_var = -0.5 * grad_weight * weight * invstd * invstd
@@ -151,7 +154,8 @@ class _Normalize(torch.autograd.Function):
             # backward (group_stats) adds a / n + 2 b (x - obs_mean) / n, so these cancel it.
             grad_obs_mean = -grad_mean - 2 * grad_var * (obs_mean - mean)
             grad_obs_var = -grad_var
-        return grad_x, grad_mean, grad_var, grad_obs_mean, grad_obs_var, grad_weight, grad_bias, None, None
+        return (grad_x, grad_mean, grad_var, grad_obs_mean, grad_obs_var, _group_sum(grad_weight, weight.dim() == 2),
+                _group_sum(grad_bias, ctx.bias_per_group), None, None)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -171,11 +175,14 @@ class _BatchNorm(torch.autograd.Function):
         grouped = _grouped(x, groups)
         if statistics is None:
             with without_autocast(x.device.type):
-                statistics = _channel_statistics(cast(grouped, statistics_dtype(x.dtype)))
-        mean, var = statistics
-        y = torch.batch_norm(grouped, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+                mean, var = _channel_statistics(cast(grouped, statistics_dtype(x.dtype)))
+        else:
+            mean, var = (s.view(-1) for s in statistics)
+        y = torch.batch_norm(grouped, _flat(weight, groups), _flat(bias, groups), mean, var, False, 0.0, eps,
+                             torch.backends.cudnn.enabled)
         ctx.save_for_backward(x, weight, mean, var)
-        ctx.eps, ctx.groups = eps, groups
+        ctx.eps, ctx.groups, ctx.bias_per_group = eps, groups, bias.dim() == 2
+        mean, var = mean.view(groups, -1), var.view(groups, -1)
         ctx.mark_non_differentiable(mean, var)
         return (y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)), mean, var
 
@@ -185,8 +192,25 @@ class _BatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # differentiated again: the statistics as the functions of x they are
             grouped = _grouped(x, ctx.groups)
             var, mean = torch.var_mean(cast(grouped, mean.dtype), dim=[0, *range(2, grouped.dim())], correction=0)
-        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, weight, ctx, training=True)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, _flat(weight, ctx.groups), ctx,
+                                                              training=True)
+        shape = (ctx.groups, -1)
+        return (grad_x, _group_sum(grad_weight.view(shape), weight.dim() == 2),
+                _group_sum(grad_bias.view(shape), ctx.bias_per_group), None, None, None)
+
+
+def _flat(parameter: Tensor, groups: int) -> Tensor:
+    """A ``(C,)`` or per-group ``(G, C)`` affine parameter as the grouped view's ``(G*C,)``."""
+    if parameter.dim() == 2:
+        return parameter.reshape(-1)
+    return parameter if groups == 1 else parameter.repeat(groups)
+
+
+def _group_sum(grad: Tensor, per_group: bool) -> Tensor:
+    """The gradient of a ``(C,)`` parameter (``(G, C)`` if ``per_group``) from that of its per-group copies, ``(G, C)``."""
+    if per_group:
+        return grad
+    return grad.view(-1) if grad.shape[0] == 1 else grad.sum(0)
 
 
 def _batch_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, ctx,
@@ -234,11 +258,13 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias:
     (group_stats), when ``mean`` and ``var`` are estimated from them (BKN): the same gradient, through
     BN's backward kernel (see _Normalize).
     """
-    groups, channels = mean.shape
-    weight, bias = _per_group_affine(weight, bias, groups, channels, mean)
-    observed = (None, None) if observed is None else tuple(o.reshape(-1) for o in observed)
-    y = _Normalize.apply(x, mean.reshape(-1), var.reshape(-1), *observed, weight, bias, eps, groups)
-    if groups == 1:
+    weight, bias = _affine(weight, bias, mean)
+    if observed is not None and (observed[0] is mean or observed[1] is var):
+        # The estimate is the observation (no prior). torch.compile cannot trace one tensor passed
+        # as two inputs of an autograd.Function; views of it are distinct tensors.
+        observed = tuple(o.view(o.shape) for o in observed)
+    y = _Normalize.apply(x, mean, var, *(observed or (None, None)), weight, bias, eps, mean.shape[0])
+    if mean.shape[0] == 1:
         return y
     # channels_last input with several groups took a copy in _grouped; hand back x's layout
     return y.contiguous(memory_format=_memory_format(x))
@@ -254,26 +280,19 @@ def batch_norm(x: Tensor, statistics_batch_size: int | None, weight: Tensor | No
     if the caller has them already.
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
-    channels = x.shape[1]
-    dtype = statistics_dtype(x.dtype)
-    weight, bias = _per_group_affine(weight, bias, groups, channels, x.new_empty((), dtype=dtype))
-    if statistics is not None:
-        statistics = tuple(s.reshape(-1) for s in statistics)
+    weight, bias = _affine(weight, bias, x.new_empty((1, x.shape[1]), dtype=statistics_dtype(x.dtype)))
     y, mean, var = _BatchNorm.apply(x, weight, bias, eps, groups, statistics)
     if groups > 1:  # channels_last input with several groups took a copy in _grouped; hand back x's layout
         y = y.contiguous(memory_format=_memory_format(x))
-    return y, mean.view(groups, channels), var.view(groups, channels)
+    return y, mean, var
 
 
-def _per_group_affine(weight: Tensor | None, bias: Tensor | None, groups: int, channels: int,
-                      like: Tensor) -> tuple[Tensor, Tensor]:
-    """``(C,)`` or ``(G, C)`` affine parameters (None: 1 and 0) as the grouped view's ``(G*C,)``,
-    in the statistics' dtype."""
+def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Affine parameters in the dtype of the ``(G, C)`` statistics ``like``; None: ones and zeros."""
+    channels = like.shape[1]
     weight = like.new_ones(channels) if weight is None else cast(weight, like.dtype)
     bias = like.new_zeros(channels) if bias is None else cast(bias, like.dtype)
-    if groups == 1 and weight.dim() == 1:
-        return weight, bias
-    return tuple(p.expand(groups, channels).reshape(-1) for p in (weight, bias))
+    return weight, bias
 
 
 def kalman_update(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor, prior_var: Tensor,
