@@ -13,7 +13,7 @@ finish from empty run records in about 75 minutes on a 2-core CPU (two one-threa
     g8_s2_seed0, g8_s2_seed1, g8_s2_seed2
               (8, 2): every normalizer but the authors' exact BKN, one seed a part
     gain_warmup
-              the default BKN as it is now (linear, with its gain warm-up) at the four settings above,
+              the default BKN as it is now (linear, with its gain warm-up) at (32, 2) and (16, 1),
               3 seeds: the runs of ``bkn-linear`` predate the warm-up
     hard_g64, hard_g32_s1
               the harder variant (configs/data/digits_hard.yaml), 150 epochs, at (64, 64) / (32, 1)
@@ -185,7 +185,9 @@ PARTS = {
     # At (16, 1) and (8, 2) three seeds take 2-3 hours: one part per seed keeps a part within ~75 minutes.
     **{f"g16_s1_seed{seed}": Part("study", ((16, 1),), {**CORE, **ABLATIONS}, (seed,), 30) for seed in (0, 1, 2)},
     **{f"g8_s2_seed{seed}": Part("study", ((8, 2),), G8_S2_VARIANTS, (seed,), 30) for seed in (0, 1, 2)},
-    "gain_warmup": Part("study", ((64, 64), (32, 2), (16, 1), (8, 2)), GAIN_WARMUP, (0, 1, 2), 30),
+    # Where the gain is the micro-batch 0.1 (at (64, 64) it is 0.95 and the warm-up changes little);
+    # (8, 2), the costliest setting, is not rerun.
+    "gain_warmup": Part("study", ((32, 2), (16, 1)), GAIN_WARMUP, (0, 1, 2), 30),
     # The harder digits, 150 epochs (1,050 steps at (64, 64)): after 60 the baseline's loss was still falling.
     "hard_g64": Part("study_hard", ((64, 64),), HARD, (0, 1, 2), 150, data="digits_hard"),
     # One example per group, as at (16, 1), but half the steps: 150 epochs at (16, 1) would take ~65 minutes.
