@@ -72,7 +72,7 @@ class Run:
     def variant(self) -> str:
         """The normalizer as the study names it: ``bn``, ``gn``, ``bkn-analytic``, with BKN's
         non-default options appended (``bkn-linear-no_propagation``, ``-learned_gain``, ``-state_input``,
-        ``-no_gain_warmup``)."""
+        ``-no_gain_warmup``, also for records from before the gain warm-up existed)."""
         normalizer = self.config.get("normalizer") or {}
         name = str(self.summary.get("normalizer") or normalizer.get("name"))
         if name != "bkn":
@@ -84,7 +84,7 @@ class Run:
             label += "-learned_gain"
         if normalizer.get("state_from") == "input":
             label += "-state_input"
-        if normalizer.get("gain_warmup") == 0:
+        if normalizer.get("gain_warmup", 0) == 0:  # a record without the key predates the warm-up: ran without it
             label += "-no_gain_warmup"
         return label
 

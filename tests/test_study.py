@@ -132,6 +132,8 @@ def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], n
     ``batch_top1``, one point less if not given); ``curve``: its evaluations under both options."""
     variant = "-".join(str(value) for key, value in normalizer.items() if key in ("name", "transition", "state_from"))
     name = f"g{setting[0]}_s{setting[1]}_{variant}_seed{seed}"
+    if normalizer["name"] == "bkn":  # as train.py's config holds it (records without it predate the warm-up)
+        normalizer = {"gain_warmup": 100, **normalizer}
     directory = runs_dir / experiment / name
     directory.mkdir(parents=True)
     summary = {"experiment": experiment, "run": name, "status": status, "normalizer": normalizer["name"],
@@ -249,6 +251,8 @@ def write_robustness_run(runs_dir: Path, model: str, setting: tuple[int, int], l
                          seed: int, top1: tuple[float, float], learned: bool = True) -> None:
     variant = normalizer["name"] + (f"-{normalizer['transition']}" if "transition" in normalizer else "")
     directory = runs_dir / "study_robustness" / f"{model}_{setting}_{lr}_{variant}_{seed}"
+    if normalizer["name"] == "bkn":  # as train.py's config holds it (records without it predate the warm-up)
+        normalizer = {"gain_warmup": 100, **normalizer}
     directory.mkdir(parents=True)
     summary = {"experiment": "study_robustness", "run": directory.name, "status": "finished", "model": model,
                "normalizer": normalizer["name"], "transition": normalizer.get("transition"),
