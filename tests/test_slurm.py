@@ -200,6 +200,11 @@ def test_a_job_at_its_time_limit_is_requeued_until_it_ends_as_an_uninterrupted_o
     # before the run's 300 steps are done (about 35 s of training here), so it takes 2 or more jobs.
     time_limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
     run_dir = interrupted_sweep(tmp_path, [*DDP_LAUNCHER, *time_limit])
+    if "preempted by SIGUSR2" not in (run_dir / "train.log").read_text():
+        # An idle machine can finish the 300 steps before SLURM (which checks time limits about
+        # every 30 s) signals the first job: then no time limit was hit, and nothing is tested.
+        pytest.skip("the run ended before SLURM signalled its first job; the requeue and resume path is "
+                    "tested by the preemption test above")
     assert_resumed_like_the_reference(run_dir, reference_sweep, stops=1)
 
 
