@@ -44,7 +44,7 @@ benchmark: setup  ## training-step speed and memory of BN/BRN/BKN -> results/ben
 	$(PY) scripts/benchmark.py --preset $(BENCHMARK_PRESET) $(ARGS)
 
 .PHONY: gpu-check
-gpu-check: setup  ## on one CUDA GPU: bf16/fp16 AMP, channels_last, compile, NCCL, options A/B, the GPU benchmark -> results/benchmark/gpu.md (< 8 min)
+gpu-check: setup  ## on one CUDA GPU: bf16/fp16 AMP, channels_last, compile, NCCL, options A/B, the GPU benchmarks -> results/benchmark/gpu.md, micro_gpu.md (< 10 min)
 	$(PY) scripts/gpu_check.py
 
 # --- The paper's tables and figures -> results/$(SCALE)/ (docs/results.md) -------------------------

@@ -1,4 +1,4 @@
-"""`make gpu-check`: bkn's CUDA code paths on one GPU, then the GPU benchmark, in under 8 minutes.
+"""`make gpu-check`: bkn's CUDA code paths on one GPU, then the GPU benchmarks, in under 10 minutes.
 
 1. train.py on synthetic images (each run a subprocess, its record under a temporary folder):
    bf16 autocast with channels_last, fp16 autocast with the gradient scaler (BKN and BRN),
@@ -9,7 +9,10 @@
    all-reduce, on the GPU (one GPU cannot hold a second rank, so this is the NCCL path one rank sees).
 3. scripts/benchmark.py --preset gpu, with fewer repeats so that it fits, written to
    results/benchmark/gpu.md (with the ratios beside the targets: BKN >= 0.985 x BN, the paper's
-   Table 2); the results of 1 and 2 are appended to it.
+   Table 2); the results of 1, 2 and 4 are appended to it.
+4. scripts/benchmark.py --preset micro_gpu, the micro-batch regime (preact_resnet32 at (8, 2) and
+   (16, 1), eager, and compiled with CUDA graphs), with fewer repeats, written to
+   results/benchmark/micro_gpu.md (step time against torch.nn.BatchNorm2d, beside the targets).
 
 One line per check; exit code 1 if any failed. Without CUDA: one line, exit code 0.
 
@@ -52,8 +55,12 @@ TRAIN_RUNS: dict[str, list[str]] = {
     "resnet18 + bf16 + channels_last, BKN-linear": ["model=resnet18", "normalizer=bkn_linear", "amp=bf16",
                                                     "channels_last=true"],
 }
-# The benchmark's gpu preset with 3 repeats of 10 timed steps (the preset: 7 of 20).
-BENCHMARK = ["--preset", "gpu", "--repeats", "3", "--steps", "10"]
+# The benchmark presets, with fewer repeats than their own so that both fit (gpu: 7 of 20 steps;
+# micro_gpu: 7 of 50), each with its time limit in seconds.
+BENCHMARKS: dict[str, tuple[list[str], int]] = {
+    "gpu": (["--repeats", "3", "--steps", "10"], 300),
+    "micro_gpu": (["--repeats", "3", "--steps", "30"], 240),
+}
 
 
 @dataclass
@@ -128,15 +135,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_benchmark(output: Path) -> Check:
+def run_benchmark(preset: str, output: Path) -> Check:
     started = time.perf_counter()
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *BENCHMARK, "--output", str(output)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    arguments, timeout = BENCHMARKS[preset]
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--preset", preset, *arguments,
+               "--output", str(output)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - started
+    name = f"benchmark --preset {preset}"
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return Check("benchmark --preset gpu", False, seconds, f"exit code {result.returncode}: {last}")
-    return Check("benchmark --preset gpu", True, seconds, f"{output}.md: ratios and targets there")
+        return Check(name, False, seconds, f"exit code {result.returncode}: {last}")
+    return Check(name, True, seconds, f"{output}.md: ratios and targets there")
 
 
 def checks_section(checks: list[Check], device_name: str) -> str:
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "benchmark" / "gpu",
-                        help="report path without suffix (default results/benchmark/gpu)")
+                        help="report path without suffix (default results/benchmark/gpu; the micro-batch one goes beside it, "
+                             "micro_<name>)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(NO_CUDA)
@@ -175,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         for index, (name, overrides) in enumerate(TRAIN_RUNS.items()):
             report(name, partial(check_train_run, name, overrides, Path(runs) / str(index)))
     report("one-process nccl group", partial(check_process_group, torch.device("cuda", 0)))
-    benchmark = report("benchmark --preset gpu", partial(run_benchmark, args.output))
+    benchmark = report("benchmark --preset gpu", partial(run_benchmark, "gpu", args.output))
+    report("benchmark --preset micro_gpu",
+           partial(run_benchmark, "micro_gpu", args.output.with_name(f"micro_{args.output.name}")))
     report_path = args.output.with_suffix(".md")
     if benchmark.passed:
         with report_path.open("a") as file:

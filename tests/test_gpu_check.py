@@ -53,3 +53,21 @@ def test_the_report_section_has_a_row_per_check() -> None:
     assert "## CUDA code paths (`make gpu-check`, NVIDIA H200)" in section
     assert "| bf16 | pass | 12 | finished |" in section
     assert "| nccl | **FAIL** | 1 | exit code 1: x |" in section
+
+
+def test_a_benchmark_check_fails_with_the_benchmarks_last_error_line(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    monkeypatch.setitem(gpu_check.BENCHMARKS, "no_such_preset", ([], 60))
+    check = gpu_check.run_benchmark("no_such_preset", tmp_path / "report")
+    assert (check.name, check.passed) == ("benchmark --preset no_such_preset", False)
+    assert check.detail.startswith("exit code 2: ") and "invalid choice: 'no_such_preset'" in check.detail
+
+
+def test_both_gpu_presets_are_benchmarked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A misspelt preset would show only on a GPU machine; its name must be one benchmark.py knows.
+    benchmark_spec = importlib.util.spec_from_file_location("benchmark", SCRIPT.with_name("benchmark.py"))
+    benchmark = importlib.util.module_from_spec(benchmark_spec)
+    monkeypatch.setitem(sys.modules, "benchmark", benchmark)  # its dataclasses look their module up by name
+    benchmark_spec.loader.exec_module(benchmark)
+    assert set(gpu_check.BENCHMARKS) == {"gpu", "micro_gpu"}
+    assert all(benchmark.PRESETS[preset][1].device == "cuda" for preset in gpu_check.BENCHMARKS)
