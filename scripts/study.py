@@ -19,11 +19,14 @@ finish from empty run records in about 75 minutes on a 2-core CPU (two one-threa
               the harder variant (configs/data/digits_hard.yaml), 150 epochs, at (64, 64) / (32, 1)
     state     why the analytic transition stalled: what BKN passes on (state_from), at (32, 1) and (16, 1)
     stall     the recipe it stalled under (lr 0.05, no warm-up, 1,500 steps at (32, 1)), input vs output state
+    speed_g8_s2_seed0
+              g8_s2_seed0 again, as configured then, on the code after the micro-batch speed-up: the
+              same runs' accuracy and wall time, new against committed (experiment study_speed)
     robustness_cifar_net_seed0, robustness_cifar_net_seed1,
     robustness_preact_resnet32_seed0, robustness_preact_resnet32_seed1
               the recipe a user types first, `python train.py`, over learning rates (below); `robustness`
               runs all four (about 3 hours)
-    all       every part but quick and the Fashion-MNIST ones, one after the other (several hours)
+    all       every part but quick, the speed rerun and the Fashion-MNIST ones, one after the other (several hours)
 
 Fashion-MNIST (``make data-fashion`` installs it; configs/experiment/study_fashion.yaml), all
 10,000 test images, experiment ``study_fashion``; each part one seed (0, 1, 2) of one setting:
@@ -141,6 +144,10 @@ STATE = {
 }
 # (8, 2) without the authors' exact BKN, the second costliest run: with it a seed takes ~32 minutes.
 G8_S2_VARIANTS = {name: overrides for name, overrides in CORE.items() if name != "bkn-monte_carlo-state_input"}
+# The (8, 2) runs again, on the code after the micro-batch speed-up, as they were configured then
+# (BKN without its gain warm-up, which came later): only the code differs.
+SPEED_RERUN = {name: overrides + ["normalizer.gain_warmup=0"] if name.startswith("bkn") else overrides
+               for name, overrides in G8_S2_VARIANTS.items()}
 HARD = {name: CORE[name] for name in ("bn", "brn", "gn", "bkn-linear", "bkn-analytic")}
 QUICK = {name: CORE[name] for name in ("bn", "brn", "gn", "bkn-linear", "bkn-monte_carlo", "bkn-analytic")}
 # Fashion-MNIST: BKN as configured by default (configs/normalizer/bkn.yaml) and the authors' exact BKN.
@@ -197,6 +204,7 @@ PARTS = {
     **{f"robustness_{model}_seed{seed}": Part("study_robustness", ((16, 2), (16, 1)), ROBUSTNESS, (seed,), 0,
                                               steps=300, learning_rates=ROBUSTNESS_LEARNING_RATES, model=model)
        for model in ROBUSTNESS_MODELS for seed in (0, 1)},
+    "speed_g8_s2_seed0": Part("study_speed", ((8, 2),), SPEED_RERUN, (0,), 30),
     "stall": Part("study_stall", ((32, 1),), {k: v for k, v in STATE.items() if "analytic" in k}, (0, 1), 0,
                   steps=1500),
     # Fashion-MNIST: a first try of the design (BN at both batch sizes, BKN at (16, 1), 2 epochs), then the grid.
@@ -207,8 +215,8 @@ PARTS = {
        for name, setting in (("baseline", FASHION_LARGE), ("g16_s1", FASHION_MICRO[0]), ("g8_s2", FASHION_MICRO[1]))
        for seed in (0, 1, 2)},
 }
-# What all runs: every part but the quick ones and Fashion-MNIST's (fashion_all).
-DIGITS_PARTS = [name for name in PARTS if name != "quick" and not name.startswith("fashion")]
+# What all runs: every part but the quick ones, the speed rerun and Fashion-MNIST's (fashion_all).
+DIGITS_PARTS = [name for name in PARTS if name not in ("quick", "speed_g8_s2_seed0") and not name.startswith("fashion")]
 FASHION_PARTS = [name for name in PARTS if name.startswith("fashion") and name != "fashion_quick"]  # fashion_all
 
 

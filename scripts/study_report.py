@@ -4,7 +4,7 @@ convergence check and the wall time of each part.
 For each experiment of the study (``study``: the main grid; ``study_hard``: the harder digits;
 ``study_state``: what BKN passes on; ``study_stall``: the recipe BKN-analytic stalled under;
 ``study_quick``: the first look; ``study_fashion``: the Fashion-MNIST grid; ``study_fashion_quick``:
-its first try) that has runs it writes ``<experiment>.md``,
+its first try; ``study_speed``: runs of the main grid again on newer code) that has runs it writes ``<experiment>.md``,
 ``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options
 (mean ± std over the finished seeds and the mean's 95% confidence interval) and the final training
 loss; the figure draws top-1 against steps, a panel per setting and option. From the main grid it also writes
@@ -19,7 +19,8 @@ of the baseline, its statistics closer to the population statistics; where GN wi
 computed from the seeds' 95% intervals; from the
 main grid and from ``study_state``, ``prior_fit.md`` / ``prior_fit_state.md`` (scripts/prior_fit.py:
 how far each BKN layer's prior lies from what it observes), and the same before any training,
-``prior_fit_initial.md``.
+``prior_fit_initial.md``. A rerun (``study_speed``) is set beside the runs it repeats in
+``study_speed_against_study.md``: accuracy within the seeds' range, and wall time.
 
 Each finished run's record (summary.json, config.yaml, metrics.jsonl: no checkpoint) is copied to
 ``results/study/records/``, which is committed: the tables regenerate from it on any machine, and
@@ -68,7 +69,11 @@ EXPERIMENTS = {
     "study_fashion_quick": "Fashion-MNIST's first try: (128, 128) and (16, 1), 2 epochs, one seed (not converged "
                            "by design)",
     "study_robustness": "the default command's recipe (no warm-up, 300 steps) over learning rates",
+    "study_speed": "the main grid's (8, 2) seed 0 again, as configured then, on the code after the micro-batch "
+                   "speed-up",
 }
+# A rerun of some of an experiment's runs (same names and configs) on newer code: experiment -> the one it reruns.
+RERUNS = {"study_speed": "study"}
 # Robustness: a run "trains" when its better inference option reaches TRAINS_TOP1; the default BKN
 # must then be within DEFAULT_MARGIN points of BN's better option wherever BN trains.
 TRAINS_TOP1, DEFAULT_MARGIN, DEFAULT_BKN = 90.0, 2.0, "bkn-linear"
@@ -641,6 +646,44 @@ def _plot_robustness(cells: dict, variants: Sequence[str], path: Path) -> None:
     plt.close(figure)
 
 
+def write_rerun(experiment: str, runs: Sequence[Run], committed: Sequence[Run], out_dir: Path) -> None:
+    """``<experiment>_against_<committed>.md``: each rerun beside the committed run of the same name, its
+    final top-1 beside the committed seeds' range in that cell, and the wall time of both."""
+    original = RERUNS[experiment]
+    by_name = {run.name: run for run in committed if run.finished}
+    cells = rows_of([run for run in committed if run.finished])
+    lines = [f"# {experiment} against {original}: {EXPERIMENTS[experiment]}", "",
+             f"Each run of {experiment} has the name and the config of a committed run of {original}; only the "
+             "code differs. Top-1 (%) after the last step with population statistics (B) and the test groups' own "
+             "(A); \"seeds' range\": min-max of the committed runs of that setting and normalizer over all their "
+             "seeds, and whether the rerun lies inside it. Wall time of each run as train.py recorded it "
+             "(both ran two one-thread runs at a time on the same kind of 2-core machine).", "",
+             "| run | B committed | B rerun | B seeds' range | A committed | A rerun | A seeds' range | inside "
+             "| wall s committed | wall s rerun | rerun / committed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    wall_before = wall_after = 0.0
+    for run in sorted((run for run in runs if run.finished), key=lambda run: variant_key(run.variant)):
+        before = by_name.get(run.name)
+        if before is None:
+            continue
+        cell = cells.get((run.setting, run.variant), [])
+        row, inside = [run.name], []
+        for inference in ("population", "batch"):
+            seeds = final_top1s(cell, inference)
+            old, new = (r.final("population" if r.variant == "gn" else inference) for r in (before, run))
+            inside.append(bool(seeds) and new is not None and min(seeds) <= new <= max(seeds))
+            row += [f"{old:.1f}", f"{new:.1f}", f"{min(seeds):.1f}-{max(seeds):.1f}" if seeds else "—"]
+        seconds = [float(r.summary.get("wall_time_s") or 0) for r in (before, run)]
+        wall_before, wall_after = wall_before + seconds[0], wall_after + seconds[1]
+        row += ["yes" if all(inside) else "**no**", f"{seconds[0]:.0f}", f"{seconds[1]:.0f}",
+                f"{seconds[1] / seconds[0]:.2f}" if seconds[0] else "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    if wall_before:
+        lines += ["", f"All runs: {wall_before / 60:.1f} min committed, {wall_after / 60:.1f} min rerun "
+                      f"({wall_after / wall_before:.2f}x), summed over runs."]
+    (out_dir / f"{experiment}_against_{original}.md").write_text("\n".join(lines) + "\n")
+
+
 def wall_times(runs_dir: Path, records_dir: Path) -> dict[str, float]:
     """Seconds each part's invocations took, added up. study.py logs them in the runs dir; they are
     merged into the committed records/wall_times.jsonl, so a new machine keeps the earlier ones."""
@@ -725,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         write_results_table(experiment, runs, args.out_dir)
         write_figure(experiment, runs, args.out_dir)
+        if experiment in RERUNS:
+            write_rerun(experiment, runs, load_runs(args.runs_dir, records_dir, RERUNS[experiment]), args.out_dir)
         if experiment in GRIDS:
             baseline = baseline_top1(runs, GRIDS[experiment].baseline)
             if baseline is not None:

@@ -93,8 +93,22 @@ def test_one_run_of_each_variant_composes_and_validates(tmp_path: Path) -> None:
                     assert cfg.data.name == "digits" and cfg.model.name == part.model
 
 
+def test_the_speed_rerun_is_g8_s2_seed0_as_configured_then(tmp_path: Path) -> None:
+    """The same runs (names, overrides), in their own experiment; BKN without the later gain warm-up."""
+    committed = {spec.name: spec.overrides for spec in study.run_specs(study.PARTS["g8_s2_seed0"], tmp_path)}
+    rerun = {spec.name: spec.overrides for spec in study.run_specs(study.PARTS["speed_g8_s2_seed0"], tmp_path)}
+    assert rerun.keys() == committed.keys()
+    for name, overrides in rerun.items():
+        expected = [o.replace("experiment_name=study", "experiment_name=study_speed") for o in committed[name]]
+        if "_bkn" in name:
+            gain = next(o for o in expected if o.startswith("normalizer.gain="))
+            expected.insert(expected.index(gain), "normalizer.gain_warmup=0")
+        assert list(overrides) == expected, name
+
+
 def test_all_runs_the_digits_parts_and_fashion_all_the_fashion_grid() -> None:
-    assert set(study.DIGITS_PARTS) | set(study.FASHION_PARTS) | {"quick", "fashion_quick"} == set(study.PARTS)
+    assert (set(study.DIGITS_PARTS) | set(study.FASHION_PARTS) | {"quick", "fashion_quick", "speed_g8_s2_seed0"}
+            == set(study.PARTS))
     assert not set(study.DIGITS_PARTS) & set(study.FASHION_PARTS)
     grid = {(s, v, seed) for name in study.FASHION_PARTS for part in [study.PARTS[name]]
             for s in part.settings for v in part.variants for seed in part.seeds}
@@ -127,7 +141,7 @@ def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], normalizer: dict, seed: int, *,
                     top1: float, losses: list[float], curve: list[tuple[int, float]], status: str = "finished",
-                    batch_top1: float | None = None, learned: bool = True) -> None:
+                    batch_top1: float | None = None, learned: bool = True, wall_time_s: float = 60.0) -> None:
     """A run's record; ``top1``: its final top-1 with population statistics (with batch statistics
     ``batch_top1``, one point less if not given); ``curve``: its evaluations under both options."""
     variant = "-".join(str(value) for key, value in normalizer.items() if key in ("name", "transition", "state_from"))
@@ -139,7 +153,7 @@ def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], n
     summary = {"experiment": experiment, "run": name, "status": status, "normalizer": normalizer["name"],
                "transition": normalizer.get("transition"), "gradient_batch_size": setting[0],
                "statistics_batch_size": setting[1], "per_device_batch_size": setting[0], "seed": seed,
-               "learned": learned, "final": {"population": {"top1": top1},
+               "learned": learned, "wall_time_s": wall_time_s, "final": {"population": {"top1": top1},
                                              "batch": {"top1": top1 - 1 if batch_top1 is None else batch_top1}}}
     (directory / "summary.json").write_text(json.dumps(summary))
     (directory / "config.yaml").write_text(yaml.safe_dump({"normalizer": normalizer, "seed": seed}))
@@ -193,6 +207,29 @@ def test_report_rows_final_loss_and_steps_to_the_baseline(tmp_path: Path) -> Non
     assert speed[0].split("|")[3].strip() == f"{expected_steps:.0f}"
     assert speed[0].split("|")[4].strip() == f"{expected_steps * 16:,.0f}"
     assert speed[0].split("|")[5].strip() == "2/2"
+
+
+def test_a_rerun_is_set_beside_the_runs_it_repeats(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    bkn = {"name": "bkn", "transition": "linear", "gain_warmup": 0}
+    for seed, top1 in enumerate([98.0, 99.0, 99.5]):
+        write_study_run(runs, "study", (8, 2), {"name": "bn"}, seed, top1=top1, losses=[0.1] * 20,
+                        curve=[(1, top1)], wall_time_s=200.0)
+    for seed, top1 in enumerate([97.0, 98.0]):
+        write_study_run(runs, "study", (8, 2), bkn, seed, top1=top1, losses=[0.1] * 20, curve=[(1, top1)],
+                        wall_time_s=400.0)
+    write_study_run(runs, "study_speed", (8, 2), {"name": "bn"}, 0, top1=98.5, losses=[0.1] * 20,
+                    curve=[(1, 98.5)], wall_time_s=100.0)
+    write_study_run(runs, "study_speed", (8, 2), bkn, 0, top1=90.0, losses=[0.1] * 20, curve=[(1, 90.0)],
+                    wall_time_s=300.0)
+
+    report(runs, out)
+    text = (out / "study_speed_against_study.md").read_text()
+    assert table_row(text, "| g8_s2_bn_seed0 |") == ["g8_s2_bn_seed0", "98.0", "98.5", "98.0-99.5", "97.0", "97.5",
+                                                     "97.0-98.5", "yes", "200", "100", "0.50"]
+    assert table_row(text, "| g8_s2_bkn-linear_seed0 |")[1:8] == ["97.0", "90.0", "97.0-98.0", "96.0", "89.0",
+                                                                  "96.0-97.0", "**no**"]
+    assert "All runs: 10.0 min committed, 6.7 min rerun (0.67x), summed over runs." in text
 
 
 @pytest.mark.parametrize("baseline, word", [(96.0, "NOT CONVERGED"), (98.5, "converged"), (None, "INCOMPLETE")])
