@@ -142,10 +142,9 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, mean, var, weight, obs_mean = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _batch_norm_backward(
+        grad_x, grad_weight, grad_bias, invstd = _batch_norm_backward(
             grad_out, x, mean.view(-1), var.view(-1), _flat(weight, ctx.groups), ctx, ctx.observed)
-        grad_weight, grad_bias = grad_weight.view(mean.shape), grad_bias.view(mean.shape)  # (G, C)
-        invstd = torch.rsqrt(var + ctx.eps)
+        grad_weight, grad_bias, invstd = (g.view(mean.shape) for g in (grad_weight, grad_bias, invstd))  # (G, C)
         grad_mean = -grad_bias * weight * invstd
         grad_var = -0.5 * grad_weight * weight * invstd * invstd
         grad_obs_mean = grad_obs_var = None
@@ -192,8 +191,8 @@ class _BatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # differentiated again: the statistics as the functions of x they are
             grouped = _grouped(x, ctx.groups)
             var, mean = torch.var_mean(cast(grouped, mean.dtype), dim=[0, *range(2, grouped.dim())], correction=0)
-        grad_x, grad_weight, grad_bias = _batch_norm_backward(grad_out, x, mean, var, _flat(weight, ctx.groups), ctx,
-                                                              training=True)
+        grad_x, grad_weight, grad_bias, _ = _batch_norm_backward(grad_out, x, mean, var, _flat(weight, ctx.groups),
+                                                                 ctx, training=True)
         shape = (ctx.groups, -1)
         return (grad_x, _group_sum(grad_weight.view(shape), weight.dim() == 2),
                 _group_sum(grad_bias.view(shape), ctx.bias_per_group), None, None, None)
@@ -214,8 +213,9 @@ def _group_sum(grad: Tensor, per_group: bool) -> Tensor:
 
 
 def _batch_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, ctx,
-                         training: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """``(dx, sum(dy * x_hat), sum(dy))`` of batch norm with the given statistics, ``dx`` in ``x``'s shape.
+                         training: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """``(dx, sum(dy * x_hat), sum(dy), invstd)`` of batch norm with the given statistics, ``dx`` in ``x``'s
+    shape; ``invstd = rsqrt(var + eps)``, which the caller may need too.
 
     ``training``: ``dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``, the gradient
     when ``mean`` and ``var`` are ``x``'s own statistics; else ``dx = weight * invstd * dy``, for fixed
@@ -241,7 +241,7 @@ def _batch_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                 count = grouped.numel() // grouped.shape[1]
                 grad_x = grad_x - (grad_bias / count).view(shape) - x_hat * (grad_weight / count).view(shape)
             grad_x = grad_x * (weight * invstd).view(shape)
-    return (None if grad_x is None else grad_x.reshape(x.shape)), grad_weight, grad_bias
+    return (None if grad_x is None else grad_x.reshape(x.shape)), grad_weight, grad_bias, invstd
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
