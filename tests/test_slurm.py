@@ -36,14 +36,24 @@ CLUSTER_SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 CPU_NODE = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
             "device=cpu"]
 DDP_LAUNCHER = ["hydra/launcher=slurm", *CPU_NODE, "hydra.launcher.tasks_per_node=2"]
-# Long enough (300 steps, ~35 s on 2 cores) to be interrupted in the middle; checkpoints every 50 steps.
+# Long enough (300 steps, 20-35 s on 2 cores) to be preempted in the middle; checkpoints every 50 steps.
 STEPS = 300
-RUN = ["data=synthetic", "data.image_size=8", "data.train_size=64", "data.test_size=16", "data.num_classes=4",
-       "model.width=0.25", "batch.gradient=8", "batch.statistics=2", f"train.steps={STEPS}", "train.epochs=null",
-       "train.log_every=10", "checkpoint.every=50"]
-# Run folder names start so; RUN's overrides add their hash (the same in every sweep here).
+# The time-limit test needs a run that outlasts its first job on any machine: SLURM signals a job
+# 30-60 s after it starts (it checks time limits about every 30 s), and an idle machine trains the
+# 300 steps before that. 600 steps take 2 jobs on an idle machine, 3 under a load of 4.
+LONG_STEPS = 600
+
+
+def run_overrides(steps: int) -> list[str]:
+    return ["data=synthetic", "data.image_size=8", "data.train_size=64", "data.test_size=16", "data.num_classes=4",
+            "model.width=0.25", "batch.gradient=8", "batch.statistics=2", f"train.steps={steps}",
+            "train.epochs=null", "train.log_every=10", "checkpoint.every=50"]
+
+
+RUN, LONG_RUN = run_overrides(STEPS), run_overrides(LONG_STEPS)
+# Run folder names start so; the overrides add their hash (the same in every sweep of RUN here).
 RUN_NAME = {"bn": "cifar_net-w0.25_bn_g8_s2_seed0", "bkn": "cifar_net-w0.25_bkn-linear_g8_s2_seed0"}
-JOB_TIMEOUT_S = 450  # a busy machine slows the requeue cycles; idle, the slowest test takes under 2 minutes
+JOB_TIMEOUT_S = 450  # a busy machine slows the requeue cycles; idle, the slowest test takes ~3 minutes
 # The jobs start Python in the sweep's folder: PYTHONPATH makes them import this checkout's bkn.
 JOB_ENV = subprocess_env(PYTHONPATH=str(ROOT))
 
@@ -111,6 +121,15 @@ def reference_sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> 
     return out_dir / "default"
 
 
+@pytest.fixture(scope="module")
+def long_reference_sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BKN run of LONG_RUN, two DDP ranks, uninterrupted on the cluster."""
+    out_dir = tmp_path_factory.mktemp("long_reference") / "runs"
+    out_dir.mkdir()
+    run_sweep(out_dir, *DDP_LAUNCHER, *LONG_RUN, "normalizer=bkn")
+    return out_dir / "default"
+
+
 @pytest.mark.slurm
 def test_a_sweep_runs_as_slurm_jobs_of_two_ddp_ranks(reference_sweep: Path) -> None:
     assert len(job_ids(reference_sweep)) == 2  # one SLURM job per sweep point
@@ -129,8 +148,9 @@ def requeue_state(job_id: str) -> tuple[str, int]:
     return (state.group(1) if state else "GONE", int(restarts.group(1)) if restarts else 0)
 
 
-def interrupted_sweep(tmp_path: Path, launcher: list[str], interrupt: Callable[[Path], bool] | None = None) -> Path:
-    """The BKN run of RUN as a one-job sweep; returns its run directory once the sweep has ended.
+def interrupted_sweep(tmp_path: Path, launcher: list[str], run: list[str],
+                      interrupt: Callable[[Path], bool] | None = None) -> Path:
+    """The BKN run of ``run`` as a one-job sweep; returns its run directory once the sweep has ended.
 
     ``interrupt(sweep_dir)`` is called while the job runs until it returns True. SLURM holds a
     requeued job for two minutes before it may start again; each requeued job is started at once."""
@@ -139,7 +159,7 @@ def interrupted_sweep(tmp_path: Path, launcher: list[str], interrupt: Callable[[
     sweep_dir = out_dir / "default"
     log = tmp_path / "sweep.log"
     with log.open("w") as output:
-        sweep = subprocess.Popen(sweep_command(out_dir, *launcher, *RUN, "normalizer=bkn"), cwd=tmp_path,
+        sweep = subprocess.Popen(sweep_command(out_dir, *launcher, *run, "normalizer=bkn"), cwd=tmp_path,
                                  env=JOB_ENV, stdout=output, stderr=subprocess.STDOUT)
         try:
             deadline, interrupted = time.monotonic() + 2 * JOB_TIMEOUT_S, interrupt is None
@@ -160,17 +180,17 @@ def interrupted_sweep(tmp_path: Path, launcher: list[str], interrupt: Callable[[
     return run_dir_of(sweep_dir, "bkn")
 
 
-def assert_resumed_like_the_reference(run_dir: Path, reference_sweep: Path, stops: int) -> None:
+def assert_resumed_like_the_reference(run_dir: Path, reference_sweep: Path, stops: int, steps: int) -> None:
     """At least ``stops`` SIGUSR2 stops, each resumed from the checkpoint it wrote (not a periodic
-    one), and the final parameters of the uninterrupted reference run."""
+    one), and the final parameters of the uninterrupted reference run of ``steps`` steps."""
     log = (run_dir / "train.log").read_text()
     stopped = {int(step) for step in re.findall(r"preempted by SIGUSR2 at step (\d+)", log)}  # every rank logs it
     resumed = [int(step) for step in re.findall(r"resumes from \S+ at step (\d+)", log)]  # the start banner
     assert len(stopped) >= stops, log[-3000:]
     # A set: a job signalled before training started resumes from the same checkpoint once more.
-    assert set(resumed) == set(stopped) and all(0 < step < STEPS for step in stopped)
+    assert set(resumed) == set(stopped) and all(0 < step < steps for step in stopped)
     summary = read_summary(run_dir)
-    assert summary is not None and (summary["status"], summary["step"]) == ("finished", STEPS)
+    assert summary is not None and (summary["status"], summary["step"]) == ("finished", steps)
     expected, actual = final_state(run_dir_of(reference_sweep, "bkn")), final_state(run_dir)
     assert expected.keys() == actual.keys()
     for key in expected:  # parameters and running statistics, bit for bit
@@ -189,23 +209,19 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_one(reference_
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         return True
 
-    run_dir = interrupted_sweep(tmp_path, DDP_LAUNCHER, preempt_after_step_30)
-    assert_resumed_like_the_reference(run_dir, reference_sweep, stops=1)
+    run_dir = interrupted_sweep(tmp_path, DDP_LAUNCHER, RUN, preempt_after_step_30)
+    assert_resumed_like_the_reference(run_dir, reference_sweep, stops=1, steps=STEPS)
 
 
 @pytest.mark.slurm
-def test_a_job_at_its_time_limit_is_requeued_until_it_ends_as_an_uninterrupted_one(reference_sweep: Path,
+def test_a_job_at_its_time_limit_is_requeued_until_it_ends_as_an_uninterrupted_one(long_reference_sweep: Path,
                                                                                    tmp_path: Path) -> None:
-    # sbatch --time=1 --signal=USR2@30: SLURM signals each attempt 30 s after it starts, which is
-    # before the run's 300 steps are done (about 35 s of training here), so it takes 2 or more jobs.
-    time_limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
-    run_dir = interrupted_sweep(tmp_path, [*DDP_LAUNCHER, *time_limit])
-    if "preempted by SIGUSR2" not in (run_dir / "train.log").read_text():
-        # An idle machine can finish the 300 steps before SLURM (which checks time limits about
-        # every 30 s) signals the first job: then no time limit was hit, and nothing is tested.
-        pytest.skip("the run ended before SLURM signalled its first job; the requeue and resume path is "
-                    "tested by the preemption test above")
-    assert_resumed_like_the_reference(run_dir, reference_sweep, stops=1)
+    # sbatch --time=1 --signal=USR2@30: SLURM signals each attempt 30-60 s after it starts, before
+    # LONG_RUN's 600 steps are done. A slow machine needs more attempts than the launcher's 5 requeues.
+    time_limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
+                  "hydra.launcher.max_num_timeout=20"]
+    run_dir = interrupted_sweep(tmp_path, [*DDP_LAUNCHER, *time_limit], LONG_RUN)
+    assert_resumed_like_the_reference(run_dir, long_reference_sweep, stops=1, steps=LONG_STEPS)
 
 
 @pytest.mark.slurm
