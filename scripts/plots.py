@@ -92,7 +92,8 @@ def _draw(axis: plt.Axes, panel: Panel) -> None:
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="upper left")
+    if axis.get_legend_handles_labels()[0]:  # a panel of a grid still running may have no curve yet
+        axis.legend(fontsize=7, loc="upper left")
 
 
 def plot_panels(panels: Sequence[Panel], title: str, path: Path, columns: int) -> None:

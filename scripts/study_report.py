@@ -28,7 +28,8 @@ scripts/study.py counts those runs as finished. What needs a trained network (th
 the prior fit) uses the runs whose checkpoint is still in the runs dir.
 
 The first line of results/study/README.md is this script's: whether the study converged (the
-large-batch BN baseline at >= 97% top-1 with population statistics) and each part's wall time
+large-batch BN baseline at >= 97% top-1 with population statistics), how far the Fashion-MNIST grid
+has run and whether its baseline reaches 91%, and each part's wall time
 (records/wall_times.jsonl, merged from study.py's logs). The rest of the README is written by
 hand from these files and is left as it is.
 
@@ -56,6 +57,7 @@ from bkn.engine.checkpoint import checkpoint_path
 
 import plots
 import prior_fit
+import study
 from fig8_statistics import measure, plot
 from run_records import Run, load_local
 
@@ -79,6 +81,7 @@ RERUNS = {"study_speed": "study"}
 TRAINS_TOP1, DEFAULT_MARGIN, DEFAULT_BKN = 90.0, 2.0, "bkn-linear"
 AUTHORS_BKN = "bkn-monte_carlo-state_input"  # the authors' code exactly
 CONVERGED_TOP1 = 97.0  # the main grid's baseline must reach it (README status line)
+FASHION_CONVERGED_TOP1 = 91.0  # and the Fashion-MNIST grid's
 
 
 Setting = tuple[int, int]  # the paper's (gradient-batch-size, statistics-batch-size)
@@ -715,6 +718,25 @@ def status_line(baseline: float | None) -> str:
             f"top-1 (population statistics, >= {CONVERGED_TOP1:g}%).")
 
 
+def fashion_status(runs: Sequence[Run]) -> str:
+    """The README status line's part on the Fashion-MNIST grid: how many of its runs have finished,
+    and whether its BN baseline reaches the 91% the study requires. Empty before any of its runs."""
+    if not runs:
+        return ""
+    planned = sum(len(study.run_specs(study.PARTS[part], Path("."))) for part in study.FASHION_PARTS)
+    setting = GRIDS["study_fashion"].baseline
+    finished = sum(run.finished for run in runs)
+    baselines = final_top1s([run for run in runs if run.setting == setting and run.variant == "bn"], "population")
+    if not baselines:
+        verdict = f"its BN baseline {setting} has not finished"
+    else:
+        mean = statistics.fmean(baselines)
+        verdict = (f"its BN baseline {setting} reaches {mean:.1f}% top-1 (population statistics, "
+                   f"{len(baselines)} of 3 seeds; {'>=' if mean >= FASHION_CONVERGED_TOP1 else 'below'} the "
+                   f"{FASHION_CONVERGED_TOP1:g}% required)")
+    return f" Fashion-MNIST: {finished} of {planned} runs finished; {verdict}."
+
+
 RECORD_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 
 
@@ -789,6 +811,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
     main_runs = load_runs(args.runs_dir, records_dir, "study")
     line = status_line(baseline_top1(main_runs, GRIDS["study"].baseline))
+    line += fashion_status(load_runs(args.runs_dir, records_dir, "study_fashion"))
     times = wall_times(args.runs_dir, records_dir)
     if times:
         line += " Wall time per part (records/wall_times.jsonl): " + ", ".join(f"{part} {seconds / 60:.0f} min"

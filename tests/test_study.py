@@ -471,3 +471,17 @@ def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(
     study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
     fig8 = sections((tmp_path / "study_fashion_claims.md").read_text())["(c)"].split("The Fig. 8 analogue")[1]
     assert table_row(fig8, "| (16, 1) | BKN (monte_carlo, state_input) |")[2:] == ["0.1", "0.3", "yes"]
+
+
+def test_the_status_line_says_how_far_the_fashion_grid_has_run(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_fashion_cell(runs, (16, 1), "gn", 85.0, 85.0, 200)  # 3 runs, no baseline yet
+    report(runs, out)
+    first = (out / "README.md").read_text().splitlines()[0]
+    assert "Fashion-MNIST: 3 of 45 runs finished; its BN baseline (128, 128) has not finished." in first
+    write_study_run(runs, "study_fashion", (128, 128), {"name": "bn"}, 0, top1=90.5, losses=[1.0] * 20,
+                    curve=[(1, 90.5)])
+    report(runs, out)
+    first = (out / "README.md").read_text().splitlines()[0]
+    assert ("Fashion-MNIST: 4 of 45 runs finished; its BN baseline (128, 128) reaches 90.5% top-1 (population "
+            "statistics, 1 of 3 seeds; below the 91% required).") in first
