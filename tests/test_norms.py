@@ -461,6 +461,28 @@ def test_torch_compile_matches_eager(transition):
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("batches_counted", [0, 50])
+def test_compiled_warmup_of_a_layer_counting_its_own_batches_has_the_eager_gradients(batches_counted):
+    """A layer outside train.py counts its own batches in its forward, and torch.compile recomputed
+    the warm-up's gain for the backward from the count after that increment: every gradient was off
+    (the prior got weight where the gain was 1). Its gain is now computed outside the graph."""
+    norm = {"name": "bkn", "statistics_batch_size": 2, "transition": "linear"}  # the default warm-up
+    eager = two_layer(norm)
+    with torch.no_grad():
+        eager[1].norm.transition_matrix.normal_(generator=torch.Generator().manual_seed(1))
+        for block in eager:
+            block.norm.num_batches_tracked.fill_(batches_counted)
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(lambda v: run_two_layer(compiled_net, v), backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    for net, step in ((eager, lambda v: run_two_layer(eager, v)), (compiled_net, compiled)):
+        out = step(x)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+    for (name, parameter), expected in zip(compiled_net.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert int(compiled_net[0].norm.num_batches_tracked) == batches_counted + 1
+
+
 @pytest.mark.parametrize("name", ["bn", "brn", "bkn"])
 def test_compiled_training_step_has_no_graph_break_and_matches_eager(name):
     """fullgraph=True raises at a graph break; aot_eager traces the backward as well (the autograd

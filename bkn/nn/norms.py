@@ -300,9 +300,14 @@ class KalmanNorm2d(_GroupedNorm):
         count = self.optimizer_step if self.steps_from_loop else self.num_batches_tracked
         if not self.gain_warmup or count is None:
             return gain
-        # A tensor expression of the count, not a Python branch on it: no host sync.
-        progress = (count.to(gain.dtype) / self.gain_warmup).clamp(max=1.0)
-        return 1 - (1 - gain) * progress
+        if self.training and not self.steps_from_loop and torch.compiler.is_compiling():
+            # The layer counts its own batches, in the same forward (_update_running_stats), and
+            # torch.compile (AOTAutograd, torch 2.14) recomputes the gain for the backward from the
+            # count *after* that increment: wrong gradients during the warm-up. Computed outside the
+            # graph (a graph break), the gain enters it as a plain input. train.py counts optimizer
+            # steps (set_step), which nothing changes inside a forward, and compiles without a break.
+            return _warmup_gain_outside_graph(gain, count, self.gain_warmup)
+        return _warmup_gain(gain, count, self.gain_warmup)
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
         """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
@@ -420,6 +425,16 @@ class GroupNorm2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"GroupNorm2d was built for (N, {self.num_features}, H, W) input, got shape {tuple(x.shape)}")
         return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _warmup_gain(gain: Tensor, count: Tensor, warmup: int) -> Tensor:
+    """The gain after ``count`` of ``warmup`` warm-up batches: from 1 (BN) down to ``gain``. A tensor
+    expression of the count, not a Python branch on it: no host sync."""
+    progress = (count.to(gain.dtype) / warmup).clamp(max=1.0)
+    return 1 - (1 - gain) * progress
+
+
+_warmup_gain_outside_graph = torch.compiler.disable(_warmup_gain)  # see KalmanNorm2d.current_gain
 
 
 def default_gain(statistics_batch_size: int | None) -> float:
