@@ -24,8 +24,9 @@ how far each BKN layer's prior lies from what it observes), and the same before 
 
 Each finished run's record (summary.json, config.yaml, metrics.jsonl: no checkpoint) is copied to
 ``results/study/records/``, which is committed: the tables regenerate from it on any machine, and
-scripts/study.py counts those runs as finished. What needs a trained network (the Fig. 8 analogue,
-the prior fit) uses the runs whose checkpoint is still in the runs dir.
+scripts/study.py counts those runs as finished. What needs a trained network uses the runs whose
+checkpoint is still in the runs dir: the prior fit, and the Fig. 8 analogue, whose measurement of
+each run is then kept in its record (``variance_gap.json``), so that the table grows across machines.
 
 The first line of results/study/README.md is this script's: whether the study converged (the
 large-batch BN baseline at >= 97% top-1 with population statistics), how far the Fashion-MNIST grid
@@ -58,7 +59,7 @@ from bkn.engine.checkpoint import checkpoint_path
 import plots
 import prior_fit
 import study
-from fig8_statistics import measure, plot
+from fig8_statistics import Gaps, measure, plot
 from run_records import Run, load_local
 
 EXPERIMENTS = {
@@ -285,6 +286,30 @@ def write_steps_to_baseline(experiment: str, runs: Sequence[Run], baseline: floa
     (out_dir / f"{grid.files.format('steps_to_baseline')}.md").write_text("\n".join(lines) + "\n")
 
 
+GAPS_FILE = "variance_gap.json"  # a run's Fig. 8 measurement, kept with its record (the checkpoint is not)
+
+
+def run_gaps(run: Run) -> Gaps:
+    """The run's Fig. 8 gaps: measured from its checkpoint the first time and written beside its
+    record, so that a later report (another machine, without the checkpoint) reads them back."""
+    saved = run.directory / GAPS_FILE
+    if saved.exists():
+        data = json.loads(saved.read_text())
+        return Gaps(run, data["layer"], *(torch.tensor(data[key]) for key in ("normalizing", "sample", "moving")))
+    gaps = measure(run, None, 64, torch.device("cpu"))
+    saved.write_text(json.dumps({"layer": gaps.layer, **{key: getattr(gaps, key).tolist()
+                                                        for key in ("normalizing", "sample", "moving")}}))
+    return gaps
+
+
+def has_gaps(run: Run, measure_checkpoints: bool) -> bool:
+    """Whether the run's Fig. 8 gaps can be had: saved with its record, or (``measure_checkpoints``)
+    measured from its checkpoint."""
+    if run.directory is None:
+        return False
+    return (run.directory / GAPS_FILE).exists() or (measure_checkpoints and checkpoint_path(run.directory).exists())
+
+
 def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> VarianceGaps:
     """Fig. 8 from the study's trained runs: |variance normalized with - moving variance|, BN vs BKN.
     Writes the grid's ``variance_gap`` table and a heat map per setting; returns the mean gap per
@@ -298,14 +323,13 @@ def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> V
              "group's sample variance; BKN: its Kalman estimate), unbiased. The paper (Fig. 8): BKN's gaps are "
              "smaller than BN's (no number given).", "",
              "| setting | normalizer | layer | mean gap | median gap | mean gap / moving variance |", "|---|---|---|---|---|---|"]
-    device = torch.device("cpu")
     mean_gaps = {}
     for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
         chosen = {variant: run for run in runs for variant in ("bn", *grid.bkn)
                   if run.finished and run.setting == setting and run.variant == variant and run.summary.get("seed") == 0}
         if "bn" not in chosen or len(chosen) < 2:
             continue
-        gaps = {variant: measure(run, None, 64, device) for variant, run in chosen.items()}
+        gaps = {variant: run_gaps(run) for variant, run in chosen.items()}
         for variant, gap in gaps.items():
             mean_gaps[setting, variant] = float(gap.normalizing.mean())
             relative = gap.normalizing / (gap.moving[:, None] + 1e-12)
@@ -737,7 +761,7 @@ def fashion_status(runs: Sequence[Run]) -> str:
     return f" Fashion-MNIST: {finished} of {planned} runs finished; {verdict}."
 
 
-RECORD_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
+RECORD_FILES = ("summary.json", "config.yaml", "metrics.jsonl", GAPS_FILE)
 
 
 def load_runs(runs_dir: Path, records_dir: Path, experiment: str) -> list[Run]:
@@ -796,10 +820,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             baseline = baseline_top1(runs, GRIDS[experiment].baseline)
             if baseline is not None:
                 write_steps_to_baseline(experiment, runs, baseline, args.out_dir)
-            # Without trained networks in the runs dir (a fresh clone has only the records) the
-            # committed Fig. 8 analogue stays as it is.
-            trained = [] if args.no_checkpoints else with_checkpoints(runs)
-            gaps = write_variance_gap(experiment, trained, args.out_dir) if trained else {}
+            # The gaps of each run come from its record or, the first time, its checkpoint. Without
+            # either (a fresh clone of the digits study) the committed Fig. 8 analogue stays as it is.
+            measured = [run for run in runs if has_gaps(run, not args.no_checkpoints)]
+            gaps = write_variance_gap(experiment, measured, args.out_dir) if measured else {}
+            save_records(measured, records_dir)  # with the gaps measured just now
             if experiment in CLAIMS:
                 write_claims(experiment, runs, baseline, gaps, args.out_dir)
         if experiment in PRIOR_FIT and not args.no_checkpoints:

@@ -456,7 +456,7 @@ def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(
     def measure(run, layer, batches, device) -> SimpleNamespace:
         gap = 0.1 if run.variant.startswith("bkn") else 0.3
         return SimpleNamespace(layer="blocks.2.conv1.norm", normalizing=torch.full((4, batches), gap),
-                               moving=torch.ones(4))
+                               sample=torch.full((4, batches), gap), moving=torch.ones(4))
 
     monkeypatch.setattr(study_report, "measure", measure)
     monkeypatch.setattr(study_report, "plot", lambda gaps, title, path: path.write_text(" ".join(gaps)))
@@ -485,3 +485,30 @@ def test_the_status_line_says_how_far_the_fashion_grid_has_run(tmp_path: Path) -
     first = (out / "README.md").read_text().splitlines()[0]
     assert ("Fashion-MNIST: 4 of 45 runs finished; its BN baseline (128, 128) reaches 90.5% top-1 (population "
             "statistics, 1 of 3 seeds; below the 91% required).") in first
+
+
+def test_a_runs_fig8_gaps_are_measured_once_and_kept_with_its_record(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    write_study_run(runs, "study_fashion", (16, 1), {"name": "bn"}, 0, top1=90.0, losses=[1.0] * 20, curve=[(1, 90.0)])
+    (run,) = study_report.load_runs(runs, records, "study_fashion")
+    assert not study_report.has_gaps(run, measure_checkpoints=True)  # no checkpoint, nothing saved
+    checkpoint = study_report.checkpoint_path(run.directory)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"")
+    assert study_report.has_gaps(run, measure_checkpoints=True) and not study_report.has_gaps(run, False)
+    measured = []
+
+    def measure(run, layer, batches, device):
+        measured.append(run.name)
+        return study_report.Gaps(run, "stage3.0.norm2", torch.rand(4, 3), torch.rand(4, 3), torch.rand(4))
+
+    monkeypatch.setattr(study_report, "measure", measure)
+    first, again = study_report.run_gaps(run), study_report.run_gaps(run)
+    assert measured == [run.name]  # the second time from variance_gap.json
+    assert again.layer == first.layer
+    for key in ("normalizing", "sample", "moving"):
+        torch.testing.assert_close(getattr(again, key), getattr(first, key))
+    study_report.save_records([run], records)
+    (saved,) = study_report.load_runs(tmp_path / "no_runs", records, "study_fashion")
+    assert study_report.has_gaps(saved, measure_checkpoints=False)  # a new machine: the record has them
