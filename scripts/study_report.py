@@ -327,9 +327,11 @@ def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> V
     for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
         chosen = {variant: run for run in runs for variant in ("bn", *grid.bkn)
                   if run.finished and run.setting == setting and run.variant == variant and run.summary.get("seed") == 0}
-        if "bn" not in chosen or len(chosen) < 2:
-            continue
+        # Measured (and kept with the records) also where the setting still lacks a side, so that a
+        # run's checkpoint is not needed again once the rest of its setting has run.
         gaps = {variant: run_gaps(run) for variant, run in chosen.items()}
+        if "bn" not in gaps or len(gaps) < 2:
+            continue
         for variant, gap in gaps.items():
             mean_gaps[setting, variant] = float(gap.normalizing.mean())
             relative = gap.normalizing / (gap.moving[:, None] + 1e-12)
