@@ -530,10 +530,15 @@ def gn_lines(cells: Cells, grid: Grid, settings: Sequence[Setting]) -> list[str]
             wins[setting, against].append(option)
     where = "; ".join(f"{label(against)} at {setting} with {' and '.join(options)}"
                       for (setting, against), options in wins.items())
+    if where:
+        finding = f"GN is better than {where}."
+    elif all(word == UNDECIDED for *_, word in verdicts):
+        finding = "no comparison is decided yet (each needs two finished seeds a side)."
+    else:
+        finding = "GN is better than none of them anywhere."
     return ["## Where GN wins", "",
             "GN normalizes each example by itself, so the batch does not touch it (its A is its B). GN against "
-            f"every other normalizer at every setting: GN is better than {where or 'none of them anywhere'}.", "",
-            *table, ""]
+            f"every other normalizer at every setting: {finding}", "", *table, ""]
 
 
 def write_claims(experiment: str, runs: Sequence[Run], baseline: float | None, gaps: VarianceGaps,

@@ -448,6 +448,17 @@ def test_fashion_claims_without_a_baseline_say_what_is_missing(tmp_path: Path) -
     assert not (tmp_path / "out" / "study_fashion_steps_to_baseline.md").exists()
 
 
+def test_where_gn_wins_says_when_nothing_is_decided_yet(tmp_path: Path) -> None:
+    """With one seed a side no comparison has an interval: the claims say so, not that GN never wins."""
+    for variant, top1 in (("gn", 85.0), ("bn", 60.0)):
+        write_study_run(tmp_path / "runs", "study_fashion", (16, 1), FASHION_NORMALIZERS[variant], 0, top1=top1,
+                        batch_top1=top1, losses=[1.0] * 20, curve=[(100, top1)])
+    runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
+    study_report.write_claims("study_fashion", runs, None, {}, tmp_path)
+    where = sections((tmp_path / "study_fashion_claims.md").read_text())["Where"]
+    assert "no comparison is decided yet" in where and "better than none" not in where
+
+
 def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(tmp_path: Path, monkeypatch) -> None:
     """The measured gaps (here faked: no trained network) go to the grid's own files and to claim (c)."""
     write_fashion_grid(tmp_path / "runs", bkn_ahead=True)
