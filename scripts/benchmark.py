@@ -215,7 +215,14 @@ class Candidate:
 
 def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
                     amp: bool) -> Callable[[], None]:
+    """One training step as train.py runs it, set_step included: BRN's limits and BKN's gain warm-up
+    follow the optimizer step (a layer left to count its own batches breaks a compiled graph)."""
+    steps_done = 0
+
     def step() -> None:
+        nonlocal steps_done
+        bkn.nn.set_step(forward, steps_done)
+        steps_done += 1
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(forward(inputs), targets)

@@ -206,3 +206,24 @@ def test_compiled_models_run_end_to_end(tmp_path: Path) -> None:
     records, _ = read_report(stem)
     assert [r["variant"] for r in records] == ["bkn_analytic"] and records[0]["compile_mode"] == "default"
     assert float(records[0]["examples_per_s_median"]) > 0 and float(records[0]["peak_memory_mib"]) > 0
+
+
+def test_a_training_step_tells_the_layers_the_optimizer_step_as_train_py_does() -> None:
+    model = build_model("cifar_net", 10, benchmark.VARIANTS["bkn_linear"](2), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step = benchmark.make_train_step(model, optimizer, torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 2, 3]), amp=False)
+    for _ in range(3):
+        step()
+    layers = [m for m in model.modules() if isinstance(m, bkn.nn.KalmanNorm2d)]
+    assert layers and all(layer.steps_from_loop and layer.optimizer_step.item() == 2 for layer in layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["bkn_linear", "bkn_monte_carlo"])  # the default, and the authors' sampling
+def test_compiled_bkn_steps_have_no_graph_break(variant: str) -> None:
+    """A layer that counted its own batches would compute its warm-up gain outside the graph."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    setting = benchmark.Setting("cifar_net", 4, 10, 4, 2, (variant,), compile_mode="default")
+    benchmark.build_candidate(setting, variant, benchmark.Options("cpu", warmup=2, steps=1, repeats=1))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
