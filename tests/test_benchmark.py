@@ -227,3 +227,49 @@ def test_compiled_bkn_steps_have_no_graph_break(variant: str) -> None:
     setting = benchmark.Setting("cifar_net", 4, 10, 4, 2, (variant,), compile_mode="default")
     benchmark.build_candidate(setting, variant, benchmark.Options("cpu", warmup=2, steps=1, repeats=1))
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+# --- scripts/profile_step.py: where a step's time goes --------------------------------------------
+
+PROFILE_SCRIPT = SCRIPT.with_name("profile_step.py")
+profile_spec = importlib.util.spec_from_file_location("profile_step", PROFILE_SCRIPT)
+profile_step = importlib.util.module_from_spec(profile_spec)
+profile_spec.loader.exec_module(profile_step)
+
+
+def test_profile_rows_are_aten_ops_and_compiled_kernels_by_the_ops_they_fuse() -> None:
+    assert profile_step.op_name("aten::native_batch_norm") == "aten::native_batch_norm"
+    assert profile_step.op_name("graph_3_cpp_fused_add_mul_12") == "cpp_fused_add_mul"
+    assert profile_step.op_name("graph_0_cpp_fused_add_mul_0") == "cpp_fused_add_mul"  # one row for both
+    assert profile_step.op_name("cpp_fused_native_batch_norm_legit_functional_relu_4") == (
+        "cpp_fused_native_batch_norm_legit_functional_relu")
+    for other in ("CompiledFunction", "Torch-Compiled Region: 0/0", "autograd::engine::evaluate_function: AddBackward0"):
+        assert profile_step.op_name(other) is None
+
+
+def profile_report(tmp_path: Path, *extra: str) -> tuple[str, dict[str, list[str]]]:
+    output = tmp_path / "profile.md"
+    profile_step.main(["--model", "cifar_net", "--image-size", "4", "--variants", "torch_bn,bn_groups", "--steps", "1", "--rounds", "1",
+                       "--output", str(output), *extra])
+    text = output.read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| torch_bn |") or line.startswith("| bn_groups |")}
+    return text, rows
+
+
+def test_profile_names_where_our_bn_differs_from_torchs(tmp_path: Path) -> None:
+    text, rows = profile_report(tmp_path)
+    assert rows["torch_bn"][4] == "1.00" and rows["torch_bn"][6].rstrip(" |") == "1.00"
+    assert float(rows["bn_groups"][3]) > 0 and float(rows["bn_groups"][5]) > 0
+    differences = text.split("## bn_groups:")[1]
+    # torch's BN runs its fused training kernel; ours the statistics kernel and the normalization apart.
+    assert "`aten::native_batch_norm`" in differences and "`aten::batch_norm_gather_stats" not in differences
+
+
+@pytest.mark.slow
+def test_profile_of_a_compiled_step_counts_its_fused_kernels(tmp_path: Path) -> None:
+    text, rows = profile_report(tmp_path, "--compile", "default")
+    assert "torch.compile (mode=default)" in text.splitlines()[0]
+    kernels = re.findall(r"^\| `(cpp_fused_\w+)` \|", text.split("## bn_groups:")[1], re.MULTILINE)
+    assert kernels, text  # the compiled kernels have rows of their own
+    assert all(not re.search(r"_\d+$", kernel) for kernel in kernels)
