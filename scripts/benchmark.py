@@ -305,6 +305,9 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
     eager_step = make_train_step(model, optimizer, inputs, targets, options.amp)
     step = eager_step
     if setting.compile_mode is not None:  # static shapes, as train.py compiles
+        # Every variant compiles the same forward code anew; past dynamo's default limit of 8 entries
+        # a code object, the variants built last would silently run eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(VARIANTS))
         compiled = torch.compile(model, dynamic=False, mode=setting.compile_mode)
         step = make_train_step(compiled, optimizer, inputs, targets, options.amp)
     for _ in range(options.warmup):
