@@ -216,7 +216,7 @@ class Candidate:
 def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
                     amp: bool) -> Callable[[], None]:
     """One training step as train.py runs it, set_step included: BRN's limits and BKN's gain warm-up
-    follow the optimizer step (a layer left to count its own batches breaks a compiled graph)."""
+    follow the optimizer step (without it BRN would stay plain BN, its limits at step 0)."""
     steps_done = 0
 
     def step() -> None:

@@ -170,9 +170,7 @@ def test_autocast_and_activation_checkpointing() -> None:
 @pytest.mark.slow
 def test_torch_compile_traces_the_context_in_one_graph() -> None:
     net = N.convert_batchnorm(conv_bn_net(), {**BKN, "transition": "analytic"})
-    # The warm-up counts the loop's optimizer steps, as under train.py: a layer counting its own
-    # batches computes its gain outside the graph (test_norms), a graph break fullgraph refuses.
-    N.set_step(net, 10)
+    # No set_step: a converted model's layers count their own batches, as in a user's training loop.
     compiled = torch.compile(net, fullgraph=True)  # fullgraph: a graph break would raise
     x = images()
     for _ in range(2):  # the context is reset between forwards

@@ -465,7 +465,8 @@ def test_torch_compile_matches_eager(transition):
 def test_compiled_warmup_of_a_layer_counting_its_own_batches_has_the_eager_gradients(batches_counted):
     """A layer outside train.py counts its own batches in its forward, and torch.compile recomputed
     the warm-up's gain for the backward from the count after that increment: every gradient was off
-    (the prior got weight where the gain was 1). Its gain is now computed outside the graph."""
+    (the prior got weight where the gain was 1). The count is now read through read_before_update,
+    which the partitioner saves for the backward; fullgraph: without a graph break."""
     norm = {"name": "bkn", "statistics_batch_size": 2, "transition": "linear"}  # the default warm-up
     eager = two_layer(norm)
     with torch.no_grad():
@@ -473,7 +474,7 @@ def test_compiled_warmup_of_a_layer_counting_its_own_batches_has_the_eager_gradi
         for block in eager:
             block.norm.num_batches_tracked.fill_(batches_counted)
     compiled_net = copy.deepcopy(eager)
-    compiled = torch.compile(lambda v: run_two_layer(compiled_net, v), backend="aot_eager")
+    compiled = torch.compile(lambda v: run_two_layer(compiled_net, v), fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 3, 8, 8)
     for net, step in ((eager, lambda v: run_two_layer(eager, v)), (compiled_net, compiled)):
         out = step(x)
@@ -490,6 +491,7 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(name):
     options = {"gain_warmup": 0} if name == "bkn" else {"warmup_steps": 0, "relax_steps": 1} if name == "brn" else {}
     eager = N.build_norm(name, 3, statistics_batch_size=2, **options)
     randomize_affine(eager)
+    N.set_step(eager, 1)  # BRN past its warm-up and relaxation: r and d are not clipped to 1 and 0
     compiled_layer = copy.deepcopy(eager)
     forward = (lambda layer, v: layer(v, None)[0]) if name == "bkn" else (lambda layer, v: layer(v))
     compiled = torch.compile(lambda v: forward(compiled_layer, v), fullgraph=True, backend="aot_eager")

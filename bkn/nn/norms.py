@@ -175,9 +175,10 @@ class BatchRenorm2d(_GroupedNorm):
             return BF.batch_norm(x, self.statistics_batch_size, self.weight, self.bias, self.eps)[0]
         with torch.no_grad():  # r and d are constants for the gradient
             mean, var = BF.group_stats(x, self.statistics_batch_size)
-            running_std = (self.running_var.to(var.dtype) + self.eps).sqrt()
+            running_mean, running_var = (read_before_update(s) for s in (self.running_mean, self.running_var))
+            running_std = (running_var.to(var.dtype) + self.eps).sqrt()
             r = ((var + self.eps).sqrt() / running_std).clamp(1 / self.r_max, self.r_max)
-            d = ((mean - self.running_mean.to(mean.dtype)) / running_std).clamp(-self.d_max, self.d_max)
+            d = ((mean - running_mean.to(mean.dtype)) / running_std).clamp(-self.d_max, self.d_max)
         self._update_running_stats(mean, var, x)
         # weight * (x_hat * r + d) + bias == BN with weight * r and bias + weight * d:
         # at r = 1, d = 0 the same numbers as BN, bit for bit.
@@ -297,17 +298,15 @@ class KalmanNorm2d(_GroupedNorm):
         """The gain of this forward pass: ``q``, or during the warm-up between 1 and ``q`` (also in eval
         mode with option A, which runs the filter as training at the same point would)."""
         gain = torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
+        # The layer's own count is raised later in this forward (_update_running_stats): read_before_update.
         count = self.optimizer_step if self.steps_from_loop else self.num_batches_tracked
         if not self.gain_warmup or count is None:
             return gain
-        if self.training and not self.steps_from_loop and torch.compiler.is_compiling():
-            # The layer counts its own batches, in the same forward (_update_running_stats), and
-            # torch.compile (AOTAutograd, torch 2.14) recomputes the gain for the backward from the
-            # count *after* that increment: wrong gradients during the warm-up. Computed outside the
-            # graph (a graph break), the gain enters it as a plain input. train.py counts optimizer
-            # steps (set_step), which nothing changes inside a forward, and compiles without a break.
-            return _warmup_gain_outside_graph(gain, count, self.gain_warmup)
-        return _warmup_gain(gain, count, self.gain_warmup)
+        if not self.steps_from_loop:
+            count = read_before_update(count)
+        # A tensor expression of the count, not a Python branch on it: no host sync.
+        progress = (count.to(gain.dtype) / self.gain_warmup).clamp(max=1.0)
+        return 1 - (1 - gain) * progress
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
         """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
@@ -427,14 +426,24 @@ class GroupNorm2d(nn.Module):
         return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def _warmup_gain(gain: Tensor, count: Tensor, warmup: int) -> Tensor:
-    """The gain after ``count`` of ``warmup`` warm-up batches: from 1 (BN) down to ``gain``. A tensor
-    expression of the count, not a Python branch on it: no host sync."""
-    progress = (count.to(gain.dtype) / warmup).clamp(max=1.0)
-    return 1 - (1 - gain) * progress
+def read_before_update(buffer: Tensor) -> Tensor:
+    """``buffer`` for a value the backward needs, read in a forward that later updates the buffer in
+    place (running statistics, the batch count). torch.compile's partitioner (torch 2.14) may
+    recompute such a value in the backward from the buffer, after the update: wrong gradients
+    (pytorch/pytorch#197039). It never recomputes an op it does not know, so compiled, the read goes
+    through one (a copy) and the backward gets the value from before the update. Eager: the buffer."""
+    return _snapshot(buffer) if torch.compiler.is_compiling() else buffer
 
 
-_warmup_gain_outside_graph = torch.compiler.disable(_warmup_gain)  # see KalmanNorm2d.current_gain
+@torch.library.custom_op("bkn::snapshot", mutates_args=())
+def _snapshot(buffer: Tensor) -> Tensor:
+    """A copy of ``buffer`` that the partitioner saves for the backward (see read_before_update)."""
+    return buffer.clone()
+
+
+@_snapshot.register_fake
+def _(buffer: Tensor) -> Tensor:
+    return torch.empty_like(buffer)
 
 
 def default_gain(statistics_batch_size: int | None) -> float:
