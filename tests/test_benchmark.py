@@ -221,7 +221,7 @@ def test_a_training_step_tells_the_layers_the_optimizer_step_as_train_py_does() 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["bkn_linear", "bkn_monte_carlo"])  # the default, and the authors' sampling
 def test_compiled_bkn_steps_have_no_graph_break(variant: str) -> None:
-    """A layer that counted its own batches would compute its warm-up gain outside the graph."""
+    """What train.py compiles, as the benchmark times it, is one graph."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     setting = benchmark.Setting("cifar_net", 4, 10, 4, 2, (variant,), compile_mode="default")
@@ -273,3 +273,6 @@ def test_profile_of_a_compiled_step_counts_its_fused_kernels(tmp_path: Path) -> 
     kernels = re.findall(r"^\| `(cpp_fused_\w+)` \|", text.split("## bn_groups:")[1], re.MULTILINE)
     assert kernels, text  # the compiled kernels have rows of their own
     assert all(not re.search(r"_\d+$", kernel) for kernel in kernels)
+    by_kind = [line.strip("| ").split(" | ") for line in text.split("By kind")[1].split("##")[0].splitlines()
+               if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row[0] for row in by_kind] == ["torch_bn", "bn_groups"] and all(float(row[3]) > 0 for row in by_kind)
