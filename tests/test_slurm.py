@@ -112,22 +112,24 @@ def run_dir_of(sweep_dir: Path, normalizer: str) -> Path:
     return found[0] if found else sweep_dir / RUN_NAME[normalizer]
 
 
+def uninterrupted_sweep(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
+    """A sweep of two-rank DDP jobs (gloo) run uninterrupted on the cluster; its sweep folder."""
+    out_dir = tmp_path_factory.mktemp(name) / "runs"
+    out_dir.mkdir()
+    run_sweep(out_dir, *DDP_LAUNCHER, *overrides)
+    return out_dir / "default"
+
+
 @pytest.fixture(scope="module")
 def reference_sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two jobs (BN, BKN), each two DDP ranks over gloo, run uninterrupted on the cluster."""
-    out_dir = tmp_path_factory.mktemp("reference") / "runs"
-    out_dir.mkdir()
-    run_sweep(out_dir, *DDP_LAUNCHER, *RUN, "normalizer=bn,bkn")
-    return out_dir / "default"
+    """Two jobs (BN, BKN) of RUN."""
+    return uninterrupted_sweep(tmp_path_factory, "reference", *RUN, "normalizer=bn,bkn")
 
 
 @pytest.fixture(scope="module")
 def long_reference_sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The BKN run of LONG_RUN, two DDP ranks, uninterrupted on the cluster."""
-    out_dir = tmp_path_factory.mktemp("long_reference") / "runs"
-    out_dir.mkdir()
-    run_sweep(out_dir, *DDP_LAUNCHER, *LONG_RUN, "normalizer=bkn")
-    return out_dir / "default"
+    """The BKN job of LONG_RUN."""
+    return uninterrupted_sweep(tmp_path_factory, "long_reference", *LONG_RUN, "normalizer=bkn")
 
 
 @pytest.mark.slurm
