@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,12 @@ def test_a_resumed_offline_run_is_one_w_and_b_run_to_sync(tmp_path: Path, monkey
     output = capfd.readouterr()
     assert "`resume` will be ignored" not in output.out + output.err
 
-    folders = sorted((run_dir / "wandb").glob("offline-run-*"))  # in time order, as `wandb sync --append` takes them
+    # In time order, as the shell's glob gives them to `wandb sync --append`. An attempt that starts in the
+    # same second as the one before gets wandb's "-1" suffix (offline-run-<time>-<id>-1), which sorts after.
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
     run_id = wandb_run_id(run_dir)
-    assert len(folders) == 2 and all(folder.name.endswith(f"-{run_id}") for folder in folders)
+    assert len(folders) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", folder.name)
+                                     for folder in folders), [folder.name for folder in folders]
     (first, first_steps), (second, second_steps) = (offline_records(folder) for folder in folders)
     assert first.run_id == second.run_id == run_id
     assert first_steps == [1, 2, 3, 4] and second_steps == [5, 6]  # the second continues the first's curves
