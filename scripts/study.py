@@ -86,7 +86,8 @@ Each run is one ``train.py`` process with an explicit ``run_name``, so the run f
 depend on how train.py names runs. Finished runs (status ``finished`` in summary.json, in the
 runs dir or among the committed records in results/study/records/) are skipped without starting
 a process; a stopped one resumes from its checkpoint (``resume=auto``).
-Each invocation appends its wall time to ``<runs-dir>/logs/<part>/wall_times.jsonl``; then
+Each invocation, finished or interrupted, appends its wall time to
+``<runs-dir>/logs/<part>/wall_times.jsonl``; then
 ``scripts/study_report.py`` (``make study`` runs it) writes results/study/.
 
     python scripts/study.py baseline                 # runs/study/study/<run>/, logs in runs/study/logs/baseline/
@@ -327,15 +328,20 @@ def run_part(part_name: str, runs_dir: Path, workers: int, dry_run: bool) -> Non
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
-    with ThreadPoolExecutor(workers) as pool:
-        for job in as_completed([pool.submit(train, spec, logs) for spec in todo]):
-            name, code, seconds = job.result()
-            print(f"  {name:44s} {'ok' if code == 0 else f'FAILED ({code})':12s} {seconds:7.1f} s", flush=True)
-            results.append((name, code))
-    wall = time.monotonic() - started
-    with open(logs / "wall_times.jsonl", "a") as handle:
-        handle.write(json.dumps({"part": part_name, "runs": len(todo), "wall_s": round(wall, 1),
-                                 "workers": workers, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for job in as_completed([pool.submit(train, spec, logs) for spec in todo]):
+                name, code, seconds = job.result()
+                print(f"  {name:44s} {'ok' if code == 0 else f'FAILED ({code})':12s} {seconds:7.1f} s", flush=True)
+                results.append((name, code))
+    finally:  # an interrupted invocation (Ctrl-C) counts too: the part's wall time is the sum of its invocations
+        wall = time.monotonic() - started
+        entry = {"part": part_name, "runs": len(todo), "wall_s": round(wall, 1), "workers": workers,
+                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if len(results) < len(todo):
+            entry["interrupted_after_runs"] = len(results)
+        with open(logs / "wall_times.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
     print(f"study part {part_name}: {wall:.0f} s for {len(todo)} runs")
     failed = [name for name, code in results if code != 0]
     if failed:

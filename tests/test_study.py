@@ -139,6 +139,26 @@ def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"{len(specs)} runs, 2 finished, {len(specs) - 2} to run" in capsys.readouterr().out
 
 
+def test_an_interrupted_invocation_still_logs_its_wall_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study, "RECORDS", tmp_path / "records")
+    specs = study.run_specs(study.PARTS["quick"], tmp_path.resolve())
+    calls = []
+
+    def train_then_interrupt(spec: study.RunSpec, logs: Path) -> tuple[str, int, float]:
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return spec.name, 0, 1.0
+
+    monkeypatch.setattr(study, "train", train_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(["quick", "--runs-dir", str(tmp_path), "--workers", "1"])
+    (line,) = (tmp_path / "logs" / "quick" / "wall_times.jsonl").read_text().splitlines()
+    entry = json.loads(line)
+    assert (entry["part"], entry["runs"], entry["interrupted_after_runs"]) == ("quick", len(specs), 1)
+    assert entry["wall_s"] >= 0
+
+
 def write_study_run(runs_dir: Path, experiment: str, setting: tuple[int, int], normalizer: dict, seed: int, *,
                     top1: float, losses: list[float], curve: list[tuple[int, float]], status: str = "finished",
                     batch_top1: float | None = None, learned: bool = True, wall_time_s: float = 60.0) -> None:
