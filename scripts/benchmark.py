@@ -551,6 +551,11 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
                      "When other processes share the machine the wall clock also counts waiting for a core and "
                      "its ratios turn to noise; CPU time counts the work done (and threads' spin-waits) and stays "
                      "comparable. On an idle machine both clocks rank the variants alike.")
+    # Profiles of this preset's steps (scripts/profile_step.py) say where the time goes; link those present.
+    profiles = sorted(output.parent.glob(f"{output.stem}_profile*.md"))
+    if profiles:
+        lines.append("- Where a step's time goes (scripts/profile_step.py): "
+                     + ", ".join(f"[{path.name}]({path.name})" for path in profiles) + ".")
     lines.append("")
     for setting in settings:
         versus = f"vs {setting.baseline}"

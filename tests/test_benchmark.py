@@ -82,6 +82,7 @@ def test_end_to_end_report_has_every_variant_ratio_and_target(tmp_path: Path) ->
         model_name = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
         assert model_name.split(":", 1)[1].strip() in markdown
     assert f"torch {torch.__version__}" in markdown
+    assert "Where a step's time goes" not in markdown  # no profile of this preset: nothing to link
 
 
 def test_cuda_code_path_options_run_on_cpu(tmp_path: Path) -> None:
@@ -99,6 +100,7 @@ def test_micro_preset_reports_step_time_ratios_to_torch_batchnorm(tmp_path: Path
     """The micro-batch preset, one step per variant: every setting, ratios to torch.nn.BatchNorm2d,
     and step-time targets whose verdicts follow from the CSV's own numbers."""
     stem = tmp_path / "micro"
+    (tmp_path / "micro_profile.md").write_text("# a profile of this preset's steps\n")
     benchmark.main(["--preset", "micro", "--norms", "torch_bn,bn_groups,bkn_linear", "--no-compile", "--warmup", "0",
                     "--steps", "1", "--repeats", "1", "--output", str(stem)])
     records, markdown = read_report(stem)
@@ -110,6 +112,7 @@ def test_micro_preset_reports_step_time_ratios_to_torch_batchnorm(tmp_path: Path
         speed = float(record["examples_per_s_median"])
         assert float(record["step_ms_median"]) == pytest.approx(1000 * int(record["batch"]) / speed, rel=1e-2)
     assert "| bn_groups | name=bn statistics_batch_size=2 |" in markdown and "vs torch_bn" in markdown
+    assert "[micro_profile.md](micro_profile.md)" in markdown  # the profile beside it is linked
     targets = re.findall(r"\| [^|]*batch (\d+), statistics \d+[^|]* \| (\w+) step time <= ([\d.]+) x torch_bn \| "
                          r"([\d.]+) \| (pass|FAIL) \|", markdown)
     assert {variant for _, variant, *_ in targets} == {"bn_groups", "bkn_linear"}
