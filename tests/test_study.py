@@ -4,6 +4,7 @@ writes itself (in train.py's format, docs/run-records.md)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -543,3 +544,25 @@ def test_a_runs_fig8_gaps_are_measured_once_and_kept_with_its_record(tmp_path: P
     study_report.save_records([run], records)
     (saved,) = study_report.load_runs(tmp_path / "no_runs", records, "study_fashion")
     assert study_report.has_gaps(saved, measure_checkpoints=False)  # a new machine: the record has them
+
+
+def committed_numbers(paths: list[Path]) -> list[float]:
+    return [float(number) for path in paths for number in re.findall(r"\d+\.\d+", path.read_text())]
+
+
+@pytest.mark.parametrize("readme, start, end", [
+    ("results/study/README.md", "\n## Fashion-MNIST", "\n## Digits"),
+    ("README.md", "\n*Fashion-MNIST*", "\n*Digits*"),
+])
+def test_every_fashion_number_in_the_readmes_is_in_the_committed_tables(readme: str, start: str, end: str) -> None:
+    """The Fashion-MNIST paragraphs are written by hand from the generated tables: each decimal they
+    give (an accuracy, a spread, a gap) must be a committed table's number at the precision shown, or
+    one of the design's trials in scripts/study.py, so that the text cannot drift from the records."""
+    text = (ROOT / readme).read_text()
+    section = text[text.index(start):text.index(end)]
+    tables = committed_numbers(sorted((ROOT / "results" / "study").glob("study_fashion*.md")))
+    design = (ROOT / "scripts" / "study.py").read_text()
+    for shown in re.findall(r"\d+\.\d+", section):
+        half_step = 0.5 * 10 ** -len(shown.split(".")[1]) + 1e-9
+        assert any(abs(float(shown) - number) <= half_step for number in tables) or shown in design, \
+            f"{readme}: {shown} is in no committed Fashion-MNIST table (results/study/study_fashion*.md)"
