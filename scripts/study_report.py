@@ -7,7 +7,9 @@ For each experiment of the study (``study``: the main grid; ``study_hard``: the 
 its first try; ``study_speed``: runs of the main grid again on newer code) that has runs it writes ``<experiment>.md``,
 ``.csv`` and ``.png``: per setting and normalizer the final top-1 under both inference options
 (mean ± std over the finished seeds and the mean's 95% confidence interval) and the final training
-loss; the figure draws top-1 against steps, a panel per setting and option. From the main grid it also writes
+loss; the figure draws top-1 against steps, a panel per setting and option. Each grid (main, hard,
+Fashion-MNIST) also gets ``<files>_final.png``: every seed's final top-1 with the mean and its 95%
+interval, zoomed to where the normalizers differ. From the main grid it also writes
 ``steps_to_baseline.md`` (optimizer steps and examples until a run first reaches 95% of the
 large-batch BN baseline's final top-1) and ``variance_gap.{md,png}`` (the Fig. 8 analogue), and the
 same from the harder digits against their own baseline (``steps_to_baseline_hard.md``,
@@ -86,7 +88,7 @@ FASHION_CONVERGED_TOP1 = 91.0  # and the Fashion-MNIST grid's
 
 
 Setting = tuple[int, int]  # the paper's (gradient-batch-size, statistics-batch-size)
-VarianceGaps = dict[tuple[Setting, str], float]  # the Fig. 8 analogue's mean gap by (setting, variant)
+VarianceGaps = dict[str, tuple[float, float]]  # Fig. 8 analogue: a run's mean gap and mean gap / moving variance
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,74 @@ def write_figure(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
     plots.plot_panels(panels, f"{experiment}: {EXPERIMENTS[experiment]}", out_dir / f"{experiment}.png", 2)
 
 
+ZOOM_POINTS = 10.0  # the final-top-1 figure shows the points within this much of each panel's best mean
+
+
+def zoomed_range(cells: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """The top-1 axis of a panel of the final-top-1 figure: every seed and interval bound of the cells
+    whose mean lies within ZOOM_POINTS of the best mean (two seeds give wide intervals), clipped to
+    that zoom and to 100, with half a point to spare."""
+    means = [statistics.fmean(values) for values in cells if values]
+    bottom = max(means) - ZOOM_POINTS
+    shown = [bound for values in cells if values and statistics.fmean(values) >= bottom
+             for bound in (*values, *(interval(values) or ()))]
+    return max(min(shown), bottom) - 0.5, min(max(shown) + 0.5, 100.0)
+
+
+def write_final_figure(experiment: str, runs: Sequence[Run], out_dir: Path) -> None:
+    """``<files>_final.png`` (the grid's ``final``): the final top-1 of every seed (dots), their mean (bar)
+    and its 95% interval, a panel per setting and inference option. The curves' 0-100 axis hides the
+    differences that matter; here each panel zooms to within ZOOM_POINTS of its best mean, and a cell
+    below that is drawn as a marker at the bottom edge, labelled with its mean."""
+    import matplotlib.pyplot as plt  # plots.py has chosen the file-only backend
+    cells = {key: group for key, group in rows_of(runs).items() if any(run.finished for run in group)}
+    settings = list(dict.fromkeys(setting for setting, _ in cells))
+    if not settings:
+        return
+    figure, axes = plt.subplots(2, len(settings), figsize=(4.6 * len(settings), 7.6), squeeze=False,
+                                layout="constrained")
+    for column, setting in enumerate(settings):
+        variants = [variant for s, variant in cells if s == setting]
+        for row, (option, inference) in enumerate(OPTIONS.items()):
+            axis = axes[row, column]
+            values = {variant: final_top1s(cells[setting, variant], inference) for variant in variants}
+            means = {variant: statistics.fmean(v) for variant, v in values.items() if v}
+            if not means:
+                axis.set_visible(False)
+                continue
+            low, high = zoomed_range(list(values.values()))
+            for x, variant in enumerate(variants):
+                name, _, transition = variant.partition("-")
+                colour = plots.color(name, transition or None)
+                if variant not in means:
+                    continue
+                if means[variant] < low:  # collapsed: off the zoomed axis
+                    axis.plot([x], [low], marker="v", markersize=10, color=colour, clip_on=False)
+                    axis.annotate(f"{means[variant]:.1f}", (x, low), textcoords="offset points", xytext=(0, 8),
+                                  ha="center", fontsize=8, color=colour)
+                    continue
+                seeds = values[variant]
+                axis.scatter([x + 0.08 * (i - (len(seeds) - 1) / 2) for i in range(len(seeds))], seeds,
+                             s=14, color=colour, alpha=0.6, zorder=3)
+                bounds = interval(seeds)
+                if bounds is not None:
+                    axis.errorbar([x], [means[variant]], yerr=[[means[variant] - bounds[0]], [bounds[1] - means[variant]]],
+                                  fmt="none", ecolor=colour, capsize=5, linewidth=1.2, zorder=2)
+                axis.plot([x - 0.2, x + 0.2], [means[variant]] * 2, color=colour, linewidth=2.5, zorder=4)
+            axis.set_ylim(low, high)
+            axis.set_xlim(-0.6, len(variants) - 0.4)
+            axis.set_xticks(range(len(variants)),
+                            [label(variant).replace(" (", "\n(").replace(", ", ",\n") + (" = B" if variant == "gn" and option == "A" else "")
+                             for variant in variants], fontsize=7)
+            axis.set_title(f"setting ({setting[0]}, {setting[1]}), {plots.INFERENCE_TITLES[inference]}", fontsize=9)
+            axis.set_ylabel("final top-1 (%)")
+            axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"{experiment}: final top-1, each seed (dots), mean (bar) and its 95% interval; each panel "
+                    f"zoomed to {ZOOM_POINTS:g} points below its best mean (\u25bc: a mean below that)", fontsize=10)
+    figure.savefig(out_dir / f"{GRIDS[experiment].files.format('final')}.png", dpi=110)
+    plt.close(figure)
+
+
 def first_reach(run: Run, inference: str, threshold: float) -> int | None:
     return next((step for step, top1 in run.curve(inference) if top1 >= threshold), None)
 
@@ -312,34 +382,48 @@ def has_gaps(run: Run, measure_checkpoints: bool) -> bool:
 
 def write_variance_gap(experiment: str, runs: Sequence[Run], out_dir: Path) -> VarianceGaps:
     """Fig. 8 from the study's trained runs: |variance normalized with - moving variance|, BN vs BKN.
-    Writes the grid's ``variance_gap`` table and a heat map per setting; returns the mean gap per
-    (setting, variant)."""
+    Every finished seed with gaps counts: the grid's ``variance_gap`` table gives, per setting and
+    variant, the mean gap of each seed and their mean with its 95% interval, and a heat map per setting
+    draws the lowest seed. Returns each measured run's mean gap and mean relative gap (gap / moving
+    variance: networks trained apart differ in scale), by run name."""
     grid = GRIDS[experiment]
     name = grid.files.format("variance_gap")
-
     lines = ["# Fig. 8 analogue: batch variance against moving variance in the trained study networks", "",
-             "Seed 0 of each setting; the deepest normalization layer after a 3x3 conv; 64 test statistics groups "
-             "of inference option A. Gap: |variance the layer normalizes with - its moving variance| (BN: the "
-             "group's sample variance; BKN: its Kalman estimate), unbiased. The paper (Fig. 8): BKN's gaps are "
-             "smaller than BN's (no number given).", "",
-             "| setting | normalizer | layer | mean gap | median gap | mean gap / moving variance |", "|---|---|---|---|---|---|"]
-    mean_gaps = {}
+             "Every finished seed whose network was measured; the deepest normalization layer after a 3x3 conv; "
+             "64 test statistics groups of inference option A. Gap: |variance the layer normalizes with - its "
+             "moving variance| (BN: the group's sample variance; BKN: its Kalman estimate), unbiased. Per seed its "
+             "mean over channels and groups; over the seeds their mean and its 95% interval (Student's t). The "
+             "paper (Fig. 8): BKN's gaps are smaller than BN's (no number given).", "",
+             "| setting | normalizer | layer | seeds | mean gap per seed | mean gap [95% interval] "
+             "| median gap | mean gap / moving variance |", "|---|---|---|---|---|---|---|---|"]
+    mean_gaps: VarianceGaps = {}
     for setting in sorted({run.setting for run in runs}, key=lambda s: (-s[0], -s[1])):
-        chosen = {variant: run for run in runs for variant in ("bn", *grid.bkn)
-                  if run.finished and run.setting == setting and run.variant == variant and run.summary.get("seed") == 0}
+        measured = {variant: sorted((run for run in runs if run.finished and run.setting == setting
+                                     and run.variant == variant), key=lambda run: run.summary.get("seed", 0))
+                    for variant in ("bn", *grid.bkn)}
+        measured = {variant: group for variant, group in measured.items() if group}
         # Measured (and kept with the records) also where the setting still lacks a side, so that a
         # run's checkpoint is not needed again once the rest of its setting has run.
-        gaps = {variant: run_gaps(run) for variant, run in chosen.items()}
+        gaps = {variant: [run_gaps(run) for run in group] for variant, group in measured.items()}
         if "bn" not in gaps or len(gaps) < 2:
             continue
-        for variant, gap in gaps.items():
-            mean_gaps[setting, variant] = float(gap.normalizing.mean())
-            relative = gap.normalizing / (gap.moving[:, None] + 1e-12)
-            lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | `{gap.layer}` | {gap.normalizing.mean():.4g} "
-                         f"| {gap.normalizing.median():.4g} | {relative.mean():.4g} |")
-        plot(gaps, f"{experiment} at {setting}: |batch variance - moving variance|, channels x test groups",
-             out_dir / f"{name}_g{setting[0]}_s{setting[1]}.png")
-    lines += ["", f"Heat maps: {name}_g<gradient>_s<statistics>.png. Regenerate: `make study`."]
+        for variant, seeds in gaps.items():
+            means = [float(gap.normalizing.mean()) for gap in seeds]
+            relatives = [float((gap.normalizing / (gap.moving[:, None] + 1e-12)).mean()) for gap in seeds]
+            mean_gaps.update({gap.run.name: pair for gap, pair in zip(seeds, zip(means, relatives))})
+            bounds = interval(means)
+            spread = "" if bounds is None else f" [{bounds[0]:.4g}, {bounds[1]:.4g}]"
+            medians = statistics.fmean(float(gap.normalizing.median()) for gap in seeds)
+            relative = statistics.fmean(relatives)
+            per_seed = ", ".join(f"{mean:.4g}" for mean in means)
+            lines.append(f"| ({setting[0]}, {setting[1]}) | {label(variant)} | `{seeds[0].layer}` | "
+                         f"{', '.join(str(gap.run.summary.get('seed')) for gap in seeds)} | {per_seed} | "
+                         f"{statistics.fmean(means):.4g}{spread} | {medians:.4g} | {relative:.4g} |")
+        plot({variant: seeds[0] for variant, seeds in gaps.items()},
+             f"{experiment} at {setting}, each normalizer's lowest seed: |batch variance - moving variance|, "
+             "channels x test groups", out_dir / f"{name}_g{setting[0]}_s{setting[1]}.png")
+    lines += ["", f"Heat maps (each setting's lowest seed): {name}_g<gradient>_s<statistics>.png. "
+              "Regenerate: `make study`."]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     return mean_gaps
 
@@ -490,34 +574,38 @@ def speed_claim(cells: Cells, grid: Grid, micro: Sequence[Setting], baseline: fl
 
 
 def statistics_claim(cells: Cells, grid: Grid, micro: Sequence[Setting], gaps: VarianceGaps) -> list[str]:
-    """Claim (c): each BKN against BN at the micro-batch settings, the gap between the inference
-    options from every seed, then the Fig. 8 analogue's gaps where measured."""
+    """Claim (c): each BKN against BN at the micro-batch settings, by two measures from every seed: the
+    gap between the inference options, and the Fig. 8 analogue's variance gap where it was measured."""
     pairs = [(setting, bkn, "bn") for setting in micro for bkn in grid.bkn]
-    table, verdicts = comparisons(cells, pairs, {"A-B gap": option_gaps},
-                                  functools.partial(verdict, higher_is_better=False), 1)
-    return ["## (c) BKN's statistics stay closer to the population statistics", "",
-            "The paper (Fig. 8, CIFAR-10): the variance BKN normalizes with lies closer to its moving variance than "
-            "BN's. Here, from every seed, the A-B gap: the points between a run's top-1 with each test group's own "
-            "statistics (A) and with the population statistics (B), either way round; a smaller gap (better) means "
-            "the statistics a layer normalizes with are closer to the population statistics it is tested with. "
-            "Each BKN against BN at every setting but the baseline.", "",
-            claim_verdict(verdicts), "", *table, "", *fig8_lines(grid, micro, gaps)]
-
-
-def fig8_lines(grid: Grid, settings: Sequence[Setting], gaps: VarianceGaps) -> list[str]:
-    """The Fig. 8 analogue's mean gaps, each BKN beside BN, where they were measured."""
-    rows = [(setting, bkn) for setting in settings for bkn in grid.bkn
-            if (setting, bkn) in gaps and (setting, "bn") in gaps]
+    smaller_is_better = functools.partial(verdict, higher_is_better=False)
+    table, verdicts = comparisons(cells, pairs, {"A-B gap": option_gaps}, smaller_is_better, 1)
+    lines = ["## (c) BKN's statistics stay closer to the population statistics", "",
+             "The paper (Fig. 8, CIFAR-10): the variance BKN normalizes with lies closer to its moving variance than "
+             "BN's. Two measures here, each from every seed, each BKN against BN at every setting but the baseline; "
+             "smaller is better in both. The A-B gap: the points between a run's top-1 with each test group's own "
+             "statistics (A) and with the population statistics (B), either way round; a small gap means the "
+             "statistics a layer normalizes with are close to the population statistics it is tested with. The "
+             "Fig. 8 analogue's variance gap (below)."]
     name = grid.files.format("variance_gap")
-    if not rows:
-        return [f"The Fig. 8 analogue ({name}.md) was not measured here: it needs the runs' checkpoints "
-                "(`make study` without --no-checkpoints).", ""]
-    lines = [f"The Fig. 8 analogue ({name}.md: seed 0, one layer, so no spread to judge against): the mean "
-             "|variance normalized with - moving variance|.", "",
-             "| setting | normalizer | its mean gap | BN's mean gap | smaller than BN's |", "|---|---|---|---|---|"]
-    lines += [f"| {setting} | {label(bkn)} | {gaps[setting, bkn]:.4g} | {gaps[setting, 'bn']:.4g} | "
-              f"{'yes' if gaps[setting, bkn] < gaps[setting, 'bn'] else 'no'} |" for setting, bkn in rows]
-    return lines + [""]
+    if any(run.name in gaps for group in cells.values() for run in group):
+        def variance_gaps(runs: Sequence[Run], relative: bool) -> list[float | None]:
+            return [gaps[run.name][relative] if run.name in gaps else None for run in runs]
+
+        def judge(ours: list, theirs: list) -> str:  # on the seeds that were measured
+            return smaller_is_better([v for v in ours if v is not None], [v for v in theirs if v is not None])
+
+        measures = {"variance gap": functools.partial(variance_gaps, relative=False),
+                    "gap / moving variance": functools.partial(variance_gaps, relative=True)}
+        fig8_table, fig8_verdicts = comparisons(cells, pairs, measures, judge, 3)
+        fig8 = ["", f"The Fig. 8 analogue ({name}.md), at one layer, per seed: the mean |variance normalized with - "
+                "moving variance| as the paper draws it, and the same relative to the moving variance, which does "
+                "not depend on the scale a network's activations took in training; (k/n): k of the n finished "
+                "seeds were measured.", "", *fig8_table]
+    else:
+        fig8_verdicts = []
+        fig8 = ["", f"The Fig. 8 analogue ({name}.md) was not measured here: it needs the runs' checkpoints "
+                "(`make study` without --no-checkpoints)."]
+    return lines + ["", claim_verdict(verdicts + fig8_verdicts), "", *table, *fig8, ""]
 
 
 def gn_lines(cells: Cells, grid: Grid, settings: Sequence[Setting]) -> list[str]:
@@ -824,6 +912,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if experiment in RERUNS:
             write_rerun(experiment, runs, load_runs(args.runs_dir, records_dir, RERUNS[experiment]), args.out_dir)
         if experiment in GRIDS:
+            write_final_figure(experiment, runs, args.out_dir)
             baseline = baseline_top1(runs, GRIDS[experiment].baseline)
             if baseline is not None:
                 write_steps_to_baseline(experiment, runs, baseline, args.out_dir)

@@ -386,8 +386,8 @@ def test_fashion_report_writes_its_tables_with_confidence_intervals(tmp_path: Pa
                     curve=[(100, 10.0)], learned=False)
     report(runs, out)
     assert {path.name for path in out.glob("study_fashion*")} == {
-        "study_fashion.md", "study_fashion.csv", "study_fashion.png", "study_fashion_steps_to_baseline.md",
-        "study_fashion_claims.md"}  # the Fig. 8 analogue needs checkpoints
+        "study_fashion.md", "study_fashion.csv", "study_fashion.png", "study_fashion_final.png",
+        "study_fashion_steps_to_baseline.md", "study_fashion_claims.md"}  # the Fig. 8 analogue needs checkpoints
     assert not (out / "steps_to_baseline.md").exists()  # the digits' own files are not touched
 
     text = (out / "study_fashion.md").read_text()
@@ -416,13 +416,13 @@ def test_fashion_report_writes_its_tables_with_confidence_intervals(tmp_path: Pa
 def test_fashion_claims_verdicts_follow_the_numbers(tmp_path: Path, bkn_ahead: bool) -> None:
     write_fashion_grid(tmp_path / "runs", bkn_ahead)
     runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
-    gaps = {(setting, variant): (0.1 if variant.startswith("bkn") == bkn_ahead else 0.3)
-            for setting in FASHION_MICRO for variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")}
+    gaps = {run.name: (0.1, 0.05) if run.variant.startswith("bkn") == bkn_ahead else (0.3, 0.15) for run in runs
+            if run.variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")}
     study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
     claims = sections((tmp_path / "study_fashion_claims.md").read_text())
 
     overall, row = ("holds", "better") if bkn_ahead else ("not shown", "worse")
-    for claim, n in (("(a)", 16), ("(b)", 16), ("(c)", 4)):
+    for claim, n in (("(a)", 16), ("(b)", 16), ("(c)", 12)):  # (c): the A-B gap and two variance gaps
         better, worse = (n, 0) if bkn_ahead else (0, n)
         assert (f"**Verdict: {overall}** ({n} comparisons: better in {better}, level in 0, worse in {worse}, "
                 "undecided in 0).") in claims[claim]
@@ -430,13 +430,29 @@ def test_fashion_claims_verdicts_follow_the_numbers(tmp_path: Path, bkn_ahead: b
     assert table_row(claims["(b)"], "| (16, 1) | BKN (linear) | BN |")[3:6] == (
         ["100 [100, 100]", "— (0/3)", "**better**"] if bkn_ahead else ["— (0/3)", "100 [100, 100]", "**worse**"])
     assert table_row(claims["(c)"], "| (16, 1) | BKN (linear) | BN |")[5] == f"**{row}**"
-    fig8 = claims["(c)"].split("The Fig. 8 analogue")[1]  # one seed: smaller or not, no interval
-    expected = ["0.1", "0.3", "yes"] if bkn_ahead else ["0.3", "0.1", "no"]  # its gap, BN's, smaller
-    assert table_row(fig8, "| (8, 2) | BKN (linear) |")[2:] == expected
+    fig8 = claims["(c)"].split("The Fig. 8 analogue")[-1]
+    small, large = "0.100 [0.100, 0.100]", "0.300 [0.300, 0.300]"
+    small_relative, large_relative = "0.050 [0.050, 0.050]", "0.150 [0.150, 0.150]"
+    expected = ([small, large, "**better**", small_relative, large_relative, "**better**"] if bkn_ahead
+                else [large, small, "**worse**", large_relative, small_relative, "**worse**"])  # its gaps, BN's
+    assert table_row(fig8, "| (8, 2) | BKN (linear) | BN |")[3:] == expected
     # GN at 85% beats whoever is at 60% with population statistics (B), and is level with their 85% with A.
     losers = ("BN", "BRN") if bkn_ahead else ("BKN (linear)", "BKN (monte_carlo, state_input)")
     wins = "; ".join(f"{loser} at {setting} with B" for setting in FASHION_MICRO for loser in losers)
     assert f"GN is better than {wins}." in claims["Where"]
+
+
+def test_the_final_top1_figure_zooms_on_the_close_cells_and_leaves_a_collapse_below() -> None:
+    collapsed, best, close = [22.0, 21.0], [91.0, 91.4, 91.2], [88.0, 88.6]
+    low, high = study_report.zoomed_range([collapsed, best, close])
+    two_seed_interval = 88.3 + 12.706 * statistics.stdev(close) / 2 ** 0.5  # t(0.975, 1 dof) = 12.706
+    assert low == pytest.approx(88.3 - (two_seed_interval - 88.3) - 0.5, abs=0.01)  # the close cell's interval
+    assert high == pytest.approx(two_seed_interval + 0.5, abs=0.01)  # above the best seed (91.4): the interval
+    assert low > max(collapsed)  # BN's collapse is drawn at the bottom edge, not on the axis
+    low, high = study_report.zoomed_range([[99.8, 99.9, 99.7], [99.0, 99.5, 99.2]])
+    assert high == 100.0  # never above 100, though the interval's bound is
+    wide = study_report.zoomed_range([[91.0, 91.2, 91.4], [70.0, 95.0]])  # mean 82.5: in, its interval clipped
+    assert wide[0] == pytest.approx(91.2 - study_report.ZOOM_POINTS - 0.5)
 
 
 def test_overlapping_intervals_are_level_however_far_apart_the_means() -> None:
@@ -481,28 +497,37 @@ def test_where_gn_wins_says_when_nothing_is_decided_yet(tmp_path: Path) -> None:
 
 
 def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(tmp_path: Path, monkeypatch) -> None:
-    """The measured gaps (here faked: no trained network) go to the grid's own files and to claim (c)."""
+    """The measured gaps (here faked: no trained network) of every seed go to the grid's own files and
+    to claim (c), with an interval over the seeds; a seed without a measurement is left out and counted."""
     write_fashion_grid(tmp_path / "runs", bkn_ahead=True)
     runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
 
     def measure(run, layer, batches, device) -> SimpleNamespace:
-        gap = 0.1 if run.variant.startswith("bkn") else 0.3
-        return SimpleNamespace(layer="blocks.2.conv1.norm", normalizing=torch.full((4, batches), gap),
-                               sample=torch.full((4, batches), gap), moving=torch.ones(4))
+        gap = (0.1 if run.variant.startswith("bkn") else 0.3) + 0.01 * run.summary["seed"]
+        return SimpleNamespace(run=run, layer="blocks.2.conv1.norm", normalizing=torch.full((4, batches), gap),
+                               sample=torch.full((4, batches), gap), moving=torch.full((4,), 2.0))
 
     monkeypatch.setattr(study_report, "measure", measure)
-    monkeypatch.setattr(study_report, "plot", lambda gaps, title, path: path.write_text(" ".join(gaps)))
+    monkeypatch.setattr(study_report, "plot", lambda gaps, title, path: path.write_text(
+        " ".join(f"{variant}:{gap.run.summary['seed']}" for variant, gap in gaps.items())))
     gaps = study_report.write_variance_gap("study_fashion", runs, tmp_path)
-    assert gaps == pytest.approx({(setting, variant): 0.1 if variant.startswith("bkn") else 0.3
-                                  for setting in ((128, 128), *FASHION_MICRO)
-                                  for variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")})
+    expected = {run.name: (0.1 if run.variant.startswith("bkn") else 0.3) + 0.01 * run.summary["seed"]
+                for run in runs if run.variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")}
+    assert gaps == {name: (pytest.approx(gap), pytest.approx(gap / 2)) for name, gap in expected.items()}
     assert set((tmp_path / "study_fashion_variance_gap_g8_s2.png").read_text().split()) == {
-        "bn", "bkn-linear", "bkn-monte_carlo-state_input"}
-    assert "| (8, 2) | BKN (monte_carlo, state_input) | `blocks.2.conv1.norm` | 0.1 |" in (
-        tmp_path / "study_fashion_variance_gap.md").read_text()
+        "bn:0", "bkn-linear:0", "bkn-monte_carlo-state_input:0"}  # the heat map: each one's lowest seed
+    half = T_975[2] * 0.01 / 3 ** 0.5  # seeds 0.11, 0.12, 0.13 (BKN): std 0.01
+    row = table_row((tmp_path / "study_fashion_variance_gap.md").read_text(), "| (8, 2) | BKN (monte_carlo, state_input) |")
+    assert row[2:6] == ["`blocks.2.conv1.norm`", "0, 1, 2", "0.1, 0.11, 0.12", f"0.11 [{0.11 - half:.4g}, {0.11 + half:.4g}]"]
+
+    del gaps[next(name for name in gaps if name.startswith("g16_s1_bn_"))]  # a BN seed not measured
     study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
-    fig8 = sections((tmp_path / "study_fashion_claims.md").read_text())["(c)"].split("The Fig. 8 analogue")[1]
-    assert table_row(fig8, "| (16, 1) | BKN (monte_carlo, state_input) |")[2:] == ["0.1", "0.3", "yes"]
+    fig8 = sections((tmp_path / "study_fashion_claims.md").read_text())["(c)"].split("The Fig. 8 analogue")[-1]
+    assert table_row(fig8, "| (8, 2) | BKN (monte_carlo, state_input) | BN |")[3:6] == [
+        f"0.110 [{0.11 - half:.3f}, {0.11 + half:.3f}]", f"0.310 [{0.31 - half:.3f}, {0.31 + half:.3f}]", "**better**"]
+    assert table_row(fig8, "| (8, 2) | BKN (monte_carlo, state_input) | BN |")[6] == (  # relative: moving variance 2
+        f"0.055 [{0.055 - half / 2:.3f}, {0.055 + half / 2:.3f}]")
+    assert table_row(fig8, "| (16, 1) | BKN (linear) | BN |")[4] .endswith("(2/3)")  # judged on the two measured
 
 
 def test_the_status_line_says_how_far_the_fashion_grid_has_run(tmp_path: Path) -> None:
