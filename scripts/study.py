@@ -60,9 +60,10 @@ study requires; depth 14 trains 1.7x slower per example and is no better at the 
 epochs clear the bar by half a point. Estimated from the speeds above (the (8, 2) runs ~1.3x
 the (16, 1) ones): a baseline part ~27 minutes, a (16, 1) part ~37 and an (8, 2) part ~50 (the
 authors' BKN, ~2x the others' time, is the longest run), the nine parts ~5.7 hours. Measured
-since: ``fashion_g16_s1_seed1`` alone on an idle machine of the same kind took 63 minutes (its runs
-17-33), 1.7x the estimate, inside the 75 a part may take; the other parts' wall times (results/study/
-README.md) are upper bounds, each shared the cores with other work. The knobs:
+since, alone on an idle machine of the same kind: ``fashion_g16_s1_seed1`` 63 minutes (its runs
+17-33), 1.7x the estimate, and ``fashion_g8_s2_seed2`` 57 minutes (its runs 13-27), 1.1x, both
+inside the 75 a part may take; the other parts' wall times (results/study/README.md) are upper
+bounds, each shared the cores with other work. The knobs:
 FASHION_EPOCHS here, data.train_size and model.depth in configs/experiment/study_fashion.yaml
 (TRAIN_EXAMPLES).
 
