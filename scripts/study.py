@@ -61,9 +61,10 @@ epochs clear the bar by half a point. Estimated from the speeds above (the (8, 2
 the (16, 1) ones): a baseline part ~27 minutes, a (16, 1) part ~37 and an (8, 2) part ~50 (the
 authors' BKN, ~2x the others' time, is the longest run), the nine parts ~5.7 hours. Measured
 since, alone on an idle machine of the same kind: ``fashion_g16_s1_seed1`` 63 minutes (its runs
-17-33), 1.7x the estimate, and ``fashion_g8_s2_seed2`` 57 minutes (its runs 13-27), 1.1x, both
-inside the 75 a part may take; the other parts' wall times (results/study/README.md) are upper
-bounds, each shared the cores with other work. The knobs:
+17-33), 1.7x the estimate, ``fashion_g8_s2_seed2`` 57 minutes (its runs 13-27), 1.1x, and
+``fashion_baseline_seed2`` 35 minutes (its runs 10-12), 1.3x: each inside the 75 a part may take,
+but the nine parts ~7.75 hours, over the ~6 aimed at; the other parts' wall times (results/study/
+README.md) are upper bounds, each shared the cores with other work. The knobs:
 FASHION_EPOCHS here, data.train_size and model.depth in configs/experiment/study_fashion.yaml
 (TRAIN_EXAMPLES).
 
