@@ -110,89 +110,89 @@ def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
+def _eval_kernel(grouped: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` per channel: PyTorch's eval-mode batch-norm kernel,
+    called as the ATen op itself (``torch.batch_norm`` adds an allocation call in front of it)."""
+    return torch.native_batch_norm(grouped, weight, bias, mean, var, False, 0.0, eps)[0]
+
+
+def _ungrouped(y: Tensor, x: Tensor, groups: int) -> Tensor:
+    """The kernel's output in ``x``'s shape. Not a view: a view would turn an in-place activation after
+    the layer (ReLU with ``inplace=True``) into full-size copies in the backward (autograd's CopySlices)."""
+    return y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)
+
+
 class _Normalize(torch.autograd.Function):
     """``weight * (x - mean) / sqrt(var + eps) + bias`` per channel of ``x``'s grouped view, through
-    PyTorch's fused eval-mode batch-norm kernel, with gradients for the statistics too.
+    PyTorch's fused eval-mode batch-norm kernel, with gradients for the given statistics too.
 
     The backward's fused kernel gives ``dx``, ``sum(dy * x_hat)`` and ``sum(dy)``; the statistics'
-    gradients follow from the two sums. ``observed`` (BKN): ``x``'s own statistics, from which
-    ``mean`` and ``var`` were estimated. Then the backward runs the *training-mode* kernel, BN's,
-    whose ``dx`` also holds the gradient that would reach ``x`` if ``mean`` and ``var`` were ``x``'s
-    own statistics; that part is taken back through the observed statistics (their gradients below),
-    so the total is the same, and where the estimate is the observation (BKN at gain 1) the
-    correction is exactly zero and every number is BN's, bit for bit.
-
-    The kernels are not differentiable themselves, so when the backward must be
-    (``create_graph=True``: double backward, gradient penalties, Hessian-vector products) the same
-    terms come from ordinary tensor ops instead. Input and output are in ``x``'s shape, and the
-    output is not a view: a view would turn an in-place activation after the layer (ReLU with
-    ``inplace=True``) into full-size copies in the backward (autograd's CopySlices).
+    gradients follow from the two sums. The kernels are not differentiable themselves, so when the
+    backward must be (``create_graph=True``: double backward, gradient penalties, Hessian-vector
+    products) the same terms come from ordinary tensor ops instead.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, obs_mean: Tensor | None, obs_var: Tensor | None,
-                weight: Tensor, bias: Tensor, eps: float, groups: int) -> Tensor:
-        ctx.save_for_backward(x, mean, var, weight, obs_mean)
-        ctx.eps, ctx.groups, ctx.observed = eps, groups, obs_mean is not None
-        ctx.bias_per_group = bias.dim() == 2
-        y = torch.batch_norm(_grouped(x, groups), _flat(weight, groups), _flat(bias, groups), mean.view(-1),
-                             var.view(-1), False, 0.0, eps, torch.backends.cudnn.enabled)
-        return y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)
+    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                groups: int) -> Tensor:
+        ctx.save_for_backward(x, mean, var, weight)
+        ctx.eps, ctx.groups, ctx.bias_per_group = eps, groups, bias.dim() == 2
+        y = _eval_kernel(_grouped(x, groups), _flat(weight, groups), _flat(bias, groups), mean.view(-1),
+                         var.view(-1), eps)
+        return _ungrouped(y, x, groups)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, mean, var, weight, obs_mean = ctx.saved_tensors
+        x, mean, var, weight = ctx.saved_tensors
         grad_x, grad_weight, grad_bias, invstd = _batch_norm_backward(
-            grad_out, x, mean.view(-1), var.view(-1), _flat(weight, ctx.groups), ctx, ctx.observed)
+            grad_out, x, mean.view(-1), var.view(-1), _flat(weight, ctx.groups), ctx, training=False)
         grad_weight, grad_bias, invstd = (g.view(mean.shape) for g in (grad_weight, grad_bias, invstd))  # (G, C)
         grad_mean = -grad_bias * weight * invstd
         grad_var = -0.5 * grad_weight * weight * invstd * invstd
-        grad_obs_mean = grad_obs_var = None
-        if ctx.observed:
-            # The kernel's dx holds grad_mean / n + 2 grad_var (x - mean) / n; the observed statistics'
-            # backward (group_stats) adds a / n + 2 b (x - obs_mean) / n, so these cancel it.
-            grad_obs_mean = -grad_mean - 2 * grad_var * (obs_mean - mean)
-            grad_obs_var = -grad_var
-        return (grad_x, grad_mean, grad_var, grad_obs_mean, grad_obs_var, _group_sum(grad_weight, weight.dim() == 2),
+        return (grad_x, grad_mean, grad_var, _group_sum(grad_weight, weight.dim() == 2),
                 _group_sum(grad_bias, ctx.bias_per_group), None, None)
 
 
 class _BatchNorm(torch.autograd.Function):
-    """BN of ``x``'s grouped view with each channel's own statistics, which it returns too (without
-    a gradient: they feed the running statistics, and BRN's r and d, constants for the gradient).
+    """BN of ``x``'s grouped view with each channel's own statistics, which it returns too, ``(G, C)``
+    and without a gradient (they feed the running statistics, and BRN's r and d, constants for the
+    gradient).
 
-    Forward: the statistics kernel and the eval-mode kernel, the ops BKN runs (group_stats, then
-    normalize), so BKN whose estimate is its observation computes the same numbers. Backward:
-    PyTorch's training-mode batch-norm kernel alone, as ``torch.nn.BatchNorm2d``'s, where group_stats
-    and normalize would take two more full-size passes. ``statistics`` given: ``x``'s own, computed
-    by the caller (BRN), not again here.
+    Forward: the statistics kernel and the eval-mode kernel, the ops BKN runs, so BKN whose estimate
+    is its observation computes the same numbers. Backward: PyTorch's training-mode batch-norm kernel
+    alone, as ``torch.nn.BatchNorm2d``'s. ``statistics`` given: ``x``'s own, computed by the caller
+    (BRN), not again here.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, groups: int,
                 statistics: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # the statistics' gradients are always None: no zeros made for them
         grouped = _grouped(x, groups)
         if statistics is None:
             with without_autocast(x.device.type):
                 mean, var = _channel_statistics(cast(grouped, statistics_dtype(x.dtype)))
         else:
             mean, var = (s.view(-1) for s in statistics)
-        y = torch.batch_norm(grouped, _flat(weight, groups), _flat(bias, groups), mean, var, False, 0.0, eps,
-                             torch.backends.cudnn.enabled)
-        ctx.save_for_backward(x, weight, mean, var)
+        flat_weight = _flat(weight, groups)
+        y = _eval_kernel(grouped, flat_weight, _flat(bias, groups), mean, var, eps)
+        ctx.save_for_backward(x, weight, flat_weight, mean, var)
         ctx.eps, ctx.groups, ctx.bias_per_group = eps, groups, bias.dim() == 2
         mean, var = mean.view(groups, -1), var.view(groups, -1)
         ctx.mark_non_differentiable(mean, var)
-        return (y if groups == 1 else torch.ops.aten._unsafe_view(y, x.shape)), mean, var
+        return _ungrouped(y, x, groups), mean, var
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None):
-        x, weight, mean, var = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor | None, _grad_mean: None, _grad_var: None):
+        x, weight, flat_weight, mean, var = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None
         if torch.is_grad_enabled():  # differentiated again: the statistics as the functions of x they are
             grouped = _grouped(x, ctx.groups)
             var, mean = torch.var_mean(cast(grouped, mean.dtype), dim=[0, *range(2, grouped.dim())], correction=0)
-        grad_x, grad_weight, grad_bias, _ = _batch_norm_backward(grad_out, x, mean, var, _flat(weight, ctx.groups),
-                                                                 ctx, training=True)
+            flat_weight = _flat(weight, ctx.groups)  # the forward's copy is not connected to weight
+        grad_x, grad_weight, grad_bias, _ = _batch_norm_backward(grad_out, x, mean, var, flat_weight, ctx,
+                                                                 training=True)
         shape = (ctx.groups, -1)
         return (grad_x, _group_sum(grad_weight.view(shape), weight.dim() == 2),
                 _group_sum(grad_bias.view(shape), ctx.bias_per_group), None, None, None)
@@ -201,9 +201,9 @@ class _BatchNorm(torch.autograd.Function):
 def _flat(parameter: Tensor, groups: int) -> Tensor:
     """A ``(C,)`` or per-group ``(G, C)`` affine parameter as the grouped view's ``(G*C,)``."""
     if parameter.dim() == 2:
-        return parameter.reshape(-1)
-    # expand + reshape (one copy) costs a quarter of .repeat, which runs arange, cat and unfold.
-    return parameter if groups == 1 else parameter.expand(groups, -1).reshape(-1)
+        return parameter.view(-1)
+    # One cat of G references: one op, where expand + reshape costs three and .repeat more.
+    return parameter if groups == 1 else torch.cat([parameter] * groups)
 
 
 def _group_sum(grad: Tensor, per_group: bool) -> Tensor:
@@ -214,9 +214,9 @@ def _group_sum(grad: Tensor, per_group: bool) -> Tensor:
 
 
 def _batch_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, ctx,
-                         training: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+                         training: bool, invstd: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """``(dx, sum(dy * x_hat), sum(dy), invstd)`` of batch norm with the given statistics, ``dx`` in ``x``'s
-    shape; ``invstd = rsqrt(var + eps)``, which the caller may need too.
+    shape; ``invstd = rsqrt(var + eps)``, computed here unless the caller has it.
 
     ``training``: ``dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``, the gradient
     when ``mean`` and ``var`` are ``x``'s own statistics; else ``dx = weight * invstd * dy``, for fixed
@@ -225,7 +225,8 @@ def _batch_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor,
     grouped = _grouped(x, ctx.groups)
     grad_grouped = _grouped(grad_out, ctx.groups).contiguous(memory_format=_memory_format(grouped))
     needs_grad_x = ctx.needs_input_grad[0]
-    invstd = torch.rsqrt(var + ctx.eps)
+    if invstd is None:
+        invstd = torch.rsqrt(var + ctx.eps)
     if not torch.is_grad_enabled():
         statistics = (None, None, mean, invstd) if training else (mean, var, None, None)  # saved or running
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -252,23 +253,17 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-              eps: float, observed: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-group ``(G, C)`` statistics.
+              eps: float) -> Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` with per-group ``(G, C)`` statistics (gradients
+    for them too); ``weight`` and ``bias`` are ``(C,)`` or per group ``(G, C)``."""
+    weight, bias = _affine(weight, bias, mean.shape[1], mean.dtype, mean.device)
+    y = _Normalize.apply(x, mean, var, weight, bias, eps, mean.shape[0])
+    return _like(y, x, mean.shape[0])
 
-    ``weight`` and ``bias`` are ``(C,)`` or per group ``(G, C)``. ``observed``: ``x``'s own statistics
-    (group_stats), when ``mean`` and ``var`` are estimated from them (BKN): the same gradient, through
-    BN's backward kernel (see _Normalize).
-    """
-    weight, bias = _affine(weight, bias, mean)
-    if observed is not None and (observed[0] is mean or observed[1] is var):
-        # The estimate is the observation (no prior). torch.compile cannot trace one tensor passed
-        # as two inputs of an autograd.Function; views of it are distinct tensors.
-        observed = tuple(o.view(o.shape) for o in observed)
-    y = _Normalize.apply(x, mean, var, *(observed or (None, None)), weight, bias, eps, mean.shape[0])
-    if mean.shape[0] == 1:
-        return y
-    # channels_last input with several groups took a copy in _grouped; hand back x's layout
-    return y.contiguous(memory_format=_memory_format(x))
+
+def _like(y: Tensor, x: Tensor, groups: int) -> Tensor:
+    """``y`` in ``x``'s memory format: channels_last input with several groups took a copy in _grouped."""
+    return y if groups == 1 else y.contiguous(memory_format=_memory_format(x))
 
 
 def batch_norm(x: Tensor, statistics_batch_size: int | None, weight: Tensor | None, bias: Tensor | None,
@@ -281,18 +276,16 @@ def batch_norm(x: Tensor, statistics_batch_size: int | None, weight: Tensor | No
     if the caller has them already.
     """
     groups = num_groups(x.shape[0], statistics_batch_size)
-    weight, bias = _affine(weight, bias, x.new_empty((1, x.shape[1]), dtype=statistics_dtype(x.dtype)))
+    weight, bias = _affine(weight, bias, x.shape[1], statistics_dtype(x.dtype), x.device)
     y, mean, var = _BatchNorm.apply(x, weight, bias, eps, groups, statistics)
-    if groups > 1:  # channels_last input with several groups took a copy in _grouped; hand back x's layout
-        y = y.contiguous(memory_format=_memory_format(x))
-    return y, mean, var
+    return _like(y, x, groups), mean, var
 
 
-def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Affine parameters in the dtype of the ``(G, C)`` statistics ``like``; None: ones and zeros."""
-    channels = like.shape[1]
-    weight = like.new_ones(channels) if weight is None else cast(weight, like.dtype)
-    bias = like.new_zeros(channels) if bias is None else cast(bias, like.dtype)
+def _affine(weight: Tensor | None, bias: Tensor | None, channels: int, dtype: torch.dtype,
+            device: torch.device) -> tuple[Tensor, Tensor]:
+    """Affine parameters in the statistics' dtype; None: ones and zeros."""
+    weight = torch.ones(channels, dtype=dtype, device=device) if weight is None else cast(weight, dtype)
+    bias = torch.zeros(channels, dtype=dtype, device=device) if bias is None else cast(bias, dtype)
     return weight, bias
 
 
@@ -319,6 +312,204 @@ def normalized_moments(obs_mean: Tensor, obs_var: Tensor, mean: Tensor, var: Ten
     if bias is not None:
         out_mean = out_mean + cast(bias, var.dtype)
     return out_mean, scale * scale * obs_var
+
+
+def kalman_estimate(obs_mean: Tensor, obs_var: Tensor, prior_mean: Tensor | None, prior_var: Tensor | None,
+                    gain: Tensor | float, fallback_ratio: float | None, eps: float) -> tuple[Tensor, Tensor]:
+    """The statistics BKN normalizes with, ``(G, C)``: the observation without a prior, else the Kalman
+    update, where a group falls back to its observation if its predicted variance is ``fallback_ratio``
+    times the observed one on average (``None``: never), the variance clamped at 0. Autograd ops: the
+    reference :func:`kalman_normalize` is tested against, and its double backward."""
+    if prior_mean is None:
+        return obs_mean, obs_var
+    mean, var = kalman_update(obs_mean, obs_var, prior_mean, prior_var, gain)
+    if fallback_ratio is not None:
+        # Per group, where the authors use one flag for the whole batch: this keeps groups
+        # independent of each other. torch.where, not .item(): no host sync.
+        trust_observation = (prior_var / (obs_var + eps)).mean(dim=1, keepdim=True) >= fallback_ratio
+        mean, var = torch.where(trust_observation, obs_mean, mean), torch.where(trust_observation, obs_var, var)
+    return mean, var.clamp_min(0)
+
+
+def kalman_normalize_reference(x: Tensor, prior_mean: Tensor | None, prior_var: Tensor | None, gain: Tensor | float,
+                               weight: Tensor, bias: Tensor, eps: float, groups: int, fallback_ratio: float | None,
+                               state_from_output: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`kalman_normalize`'s ``(y, state mean, state var)`` as a composition of autograd ops."""
+    grouped = _grouped(x, groups)
+    dims = [0, *range(2, grouped.dim())]
+    obs_var, obs_mean = torch.var_mean(cast(grouped, weight.dtype), dim=dims, correction=0)
+    obs_mean, obs_var = obs_mean.view(groups, -1), obs_var.view(groups, -1)
+    mean, var = kalman_estimate(obs_mean, obs_var, prior_mean, prior_var, gain, fallback_ratio, eps)
+    shape = (1, -1) + (1,) * (grouped.dim() - 2)
+    scale = (torch.rsqrt(var + eps) * weight).view(shape)
+    y = ((grouped - mean.view(shape)) * scale + (bias * torch.ones_like(mean)).view(shape)).to(x.dtype)
+    state = normalized_moments(obs_mean, obs_var, mean, var, weight, bias, eps) if state_from_output else (mean, var)
+    return y.reshape(x.shape), *state
+
+
+class _KalmanNormalize(torch.autograd.Function):
+    """BKN's step for all groups and channels at once: the observed statistics, the Kalman update with
+    the fallback, the normalization, and the statistics of the output (``state_from_output``) or the
+    estimate itself as the state the next layer predicts from; the backward derived by hand.
+
+    Forward: the statistics kernel, a few fused ``(G, C)`` ops and the eval-mode kernel, as BN runs.
+    Backward: PyTorch's training-mode kernel, whose ``dx`` holds the gradient that would reach ``x``
+    if the estimate were ``x``'s own statistics; the difference to the true gradient, which reaches
+    ``x`` through the observed statistics, is affine in ``x`` per channel and added in one pass. Where
+    the estimate is the observation (gain 1) that difference is exactly zero and every number is
+    BN's, bit for bit. Differentiated again (``create_graph=True``), the backward differentiates
+    :func:`kalman_normalize_reference` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, prior_mean: Tensor | None, prior_var: Tensor | None, gain: Tensor | None,
+                weight: Tensor, bias: Tensor, eps: float, groups: int, fallback_ratio: float | None,
+                state_from_output: bool):
+        ctx.set_materialize_grads(False)
+        grouped = _grouped(x, groups)
+        obs_mean, obs_var = (s.view(groups, -1) for s in _channel_statistics(cast(grouped, weight.dtype)))
+        mean, var = obs_mean, obs_var
+        diff = trust_observation = unclamped_var = None
+        if prior_mean is not None:
+            diff = obs_mean - prior_mean
+            mean = torch.lerp(prior_mean, obs_mean, gain)  # exactly obs_mean at gain 1
+            var = torch.lerp(prior_var, obs_var, gain).addcmul_(diff * diff, gain * (1 - gain))
+            if fallback_ratio is not None:
+                trust_observation = (prior_var / (obs_var + eps)).mean(dim=1, keepdim=True) >= fallback_ratio
+                mean, var = torch.where(trust_observation, obs_mean, mean), torch.where(trust_observation, obs_var, var)
+            unclamped_var, var = var, var.clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        flat_weight = _flat(weight, groups)
+        y = _eval_kernel(grouped, flat_weight, _flat(bias, groups), mean.view(-1), var.view(-1), eps)
+        if state_from_output:
+            scale = invstd * weight
+            state = torch.addcmul(bias, scale, obs_mean - mean), scale * scale * obs_var
+        else:
+            state = mean.clone(), var.clone()  # outputs of their own: mean and var are returned without a gradient too
+        ctx.save_for_backward(x, prior_mean, prior_var, gain, weight, bias, flat_weight, obs_mean, obs_var, mean,
+                              var, invstd, diff, trust_observation, unclamped_var)
+        ctx.eps, ctx.groups, ctx.fallback_ratio, ctx.state_from_output = eps, groups, fallback_ratio, state_from_output
+        ctx.mark_non_differentiable(mean, var)
+        return _ungrouped(y, x, groups), *state, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_state_mean, grad_state_var, _grad_mean, _grad_var):
+        if torch.is_grad_enabled():
+            return _kalman_normalize_double_backward(ctx, grad_y, grad_state_mean, grad_state_var)
+        (x, prior_mean, prior_var, gain, weight, bias, flat_weight, obs_mean, obs_var, mean, var, invstd, diff,
+         trust_observation, unclamped_var) = ctx.saved_tensors
+        groups = ctx.groups
+        # The normalization: the kernel's dx, and the gradients of its statistics and affine parameters
+        # (G, C): d mean = -sum(dy) w invstd, d var = -sum(dy x_hat) w invstd^2 / 2.
+        grad_x = None
+        grad_mean = grad_var = grad_weight = grad_bias = None
+        scale = weight * invstd
+        if grad_y is not None:
+            grad_x, grad_weight, grad_bias, _ = _batch_norm_backward(grad_y, x, mean.view(-1), None, flat_weight, ctx,
+                                                                     training=True, invstd=invstd.view(-1))
+            grad_weight, grad_bias = grad_weight.view(groups, -1), grad_bias.view(groups, -1)
+            grad_mean = -grad_bias * scale
+            grad_var = grad_weight * scale * invstd * -0.5
+        kernel_grad_mean, kernel_grad_var = grad_mean, grad_var  # what the kernel's dx already holds
+        # The state passed on.
+        grad_obs_mean = grad_obs_var = None
+        if ctx.state_from_output:
+            grad_invstd = None
+            if grad_state_mean is not None:  # state mean = w invstd (obs_mean - mean) + b
+                grad_obs_mean = grad_state_mean * scale
+                grad_mean = _add(grad_mean, -grad_obs_mean)
+                centered = grad_state_mean * (obs_mean - mean)
+                grad_invstd = centered * weight
+                grad_weight = _add(grad_weight, centered * invstd)
+                grad_bias = _add(grad_bias, grad_state_mean)
+            if grad_state_var is not None:  # state var = w^2 invstd^2 obs_var
+                grad_obs_var = grad_state_var * scale * scale
+                weighted = 2 * grad_state_var * obs_var * scale
+                grad_invstd = _add(grad_invstd, weighted * weight)
+                grad_weight = _add(grad_weight, weighted * invstd)
+            if grad_invstd is not None:
+                grad_var = _add(grad_var, grad_invstd * invstd.pow(3) * -0.5)
+        else:
+            grad_mean, grad_var = _add(grad_mean, grad_state_mean), _add(grad_var, grad_state_var)
+        # The estimate: the observation itself, or the Kalman update with the fallback and the clamp.
+        grad_prior_mean = grad_prior_var = grad_gain = None
+        if prior_mean is None:
+            grad_obs_mean, grad_obs_var = _add(grad_obs_mean, grad_mean), _add(grad_obs_var, grad_var)
+        elif grad_mean is not None or grad_var is not None:
+            grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+            grad_var = torch.zeros_like(var) if grad_var is None else grad_var * (unclamped_var >= 0)  # clamp_min's
+            if trust_observation is not None:
+                grad_obs_mean = _add(grad_obs_mean, torch.where(trust_observation, grad_mean, 0))
+                grad_obs_var = _add(grad_obs_var, torch.where(trust_observation, grad_var, 0))
+                grad_mean = torch.where(trust_observation, 0, grad_mean)
+                grad_var = torch.where(trust_observation, 0, grad_var)
+            # mean = lerp(prior, obs, q); var = lerp(prior var, obs var, q) + q (1 - q) diff^2
+            cross = grad_var * diff * (2 * gain * (1 - gain))
+            grad_obs_mean = _add(grad_obs_mean, torch.addcmul(cross, grad_mean, gain))
+            grad_obs_var = _add(grad_obs_var, grad_var * gain)
+            grad_prior_mean = grad_mean * (1 - gain) - cross
+            grad_prior_var = grad_var * (1 - gain)
+            if ctx.needs_input_grad[3]:
+                spread = obs_var - prior_var + diff * diff * (1 - 2 * gain)
+                grad_gain = (grad_mean * diff + grad_var * spread).sum()
+        # dx: the gradient through the observed statistics, a / n + 2 b (x - obs_mean) / n, less what the
+        # kernel's dx holds for the estimate, c / n + 2 d (x - mean) / n: offset + slope * x per channel.
+        if ctx.needs_input_grad[0] and (grad_obs_mean is not None or grad_obs_var is not None):
+            grouped = _grouped(x, groups)
+            count = grouped.numel() // grouped.shape[1]
+            grad_obs_mean = torch.zeros_like(mean) if grad_obs_mean is None else grad_obs_mean
+            grad_obs_var = torch.zeros_like(mean) if grad_obs_var is None else grad_obs_var
+            if kernel_grad_mean is None:
+                kernel_grad_mean = kernel_grad_var = torch.zeros_like(mean)
+            slope = (grad_obs_var - kernel_grad_var) * (2 / count)
+            offset = ((grad_obs_mean - kernel_grad_mean) + 2 * (kernel_grad_var * mean - grad_obs_var * obs_mean)) / count
+            shape = (1, -1) + (1,) * (grouped.dim() - 2)
+            correction = torch.addcmul(offset.view(shape), grouped, slope.view(shape)).reshape(x.shape)
+            grad_x = correction if grad_x is None else grad_x.add_(correction)
+        per_channel = (lambda g: None if g is None else g.view(-1) if groups == 1 else g.sum(0))
+        return (grad_x, grad_prior_mean, grad_prior_var, grad_gain, per_channel(grad_weight), per_channel(grad_bias),
+                None, None, None, None)
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` where a missing gradient (None) counts as zero."""
+    return b if a is None else a if b is None else a + b
+
+
+def _kalman_normalize_double_backward(ctx, *grad_outputs: Tensor | None):
+    """The backward of :class:`_KalmanNormalize` as autograd ops of the reference composition, so that it
+    can be differentiated again (double backward, gradient penalties)."""
+    inputs = ctx.saved_tensors[:6]  # x, prior_mean, prior_var, gain, weight, bias
+    with torch.enable_grad():
+        outputs = kalman_normalize_reference(*inputs, ctx.eps, ctx.groups, ctx.fallback_ratio, ctx.state_from_output)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    wanted = [i for i, tensor in enumerate(inputs) if ctx.needs_input_grad[i] and tensor is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    result = [None] * 10
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
+
+
+def kalman_normalize(x: Tensor, prior_mean: Tensor | None, prior_var: Tensor | None, gain: Tensor | None,
+                     weight: Tensor | None, bias: Tensor | None, eps: float, statistics_batch_size: int | None,
+                     fallback_ratio: float | None, state_from_output: bool) -> tuple[Tensor, ...]:
+    """BKN: ``(y, state_mean, state_var, mean, var)``. ``y`` is ``x`` normalized per statistics group
+    with the Kalman estimate ``(mean, var)`` (``(G, C)``, without a gradient: for the running
+    statistics) of its statistics from the observation and the prior ``(prior_mean, prior_var)``
+    (None: the observation itself, BN) with gain ``gain`` (a 0-dim tensor); the state is the
+    statistics of ``y`` (``state_from_output``) or the estimate, for the next layer's prediction.
+    """
+    groups = num_groups(x.shape[0], statistics_batch_size)
+    dtype = statistics_dtype(x.dtype)
+    weight, bias = _affine(weight, bias, x.shape[1], dtype, x.device)
+    if prior_mean is not None:
+        prior_mean, prior_var, gain = cast(prior_mean, dtype), cast(prior_var, dtype), cast(gain, dtype)
+    with without_autocast(x.device.type):
+        y, *rest = _KalmanNormalize.apply(x, prior_mean, prior_var, gain, weight, bias, eps, groups, fallback_ratio,
+                                          state_from_output)
+    return _like(y, x, groups), *rest
 
 
 # --- transitions: predict this layer's statistics from the previous layer's posterior ---------

@@ -105,13 +105,13 @@ class _GroupedNorm(nn.Module):
         return self.training or self.inference == "batch" or not self.track_running_stats
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, x: Tensor) -> None:
-        """EMA of the groups' average statistics; variance made unbiased, as PyTorch's BN does.
-        Detached, not under no_grad: the same, and cheaper to enter (as is a view for one group)."""
+        """EMA of the groups' average statistics, ``(G, C)`` and without a gradient; variance made
+        unbiased, as PyTorch's BN does."""
         if not (self.training and self.track_running_stats):
             return
         groups = mean.shape[0]
         count = x.numel() // (x.shape[1] * groups)  # values per channel per group
-        mean, var = (s[0] if groups == 1 else s.mean(0) for s in (mean.detach(), var.detach()))
+        mean, var = (s[0] if groups == 1 else s.mean(0) for s in (mean, var))
         self.running_mean.lerp_(BF.cast(mean, self.running_mean.dtype), self.momentum)
         self.running_var.lerp_(BF.cast(var * (count / max(count - 1, 1)), self.running_var.dtype), self.momentum)
         self.num_batches_tracked.add_(1)
@@ -155,13 +155,16 @@ class BatchRenorm2d(_GroupedNorm):
         self.warmup_steps, self.relax_steps = warmup_steps, relax_steps
         # Tensors, not floats, so that a changing limit does not recompile a torch.compile'd model.
         self.register_buffer("r_max", torch.tensor(1.0), persistent=False)
+        self.register_buffer("r_min", torch.tensor(1.0), persistent=False)  # 1 / r_max, set with it
         self.register_buffer("d_max", torch.tensor(0.0), persistent=False)
+        self.register_buffer("d_min", torch.tensor(0.0), persistent=False)  # -d_max
 
     def set_step(self, step: int) -> None:
         """Set the clipping limits for optimizer step ``step``."""
         progress = min(max(step - self.warmup_steps, 0) / max(self.relax_steps, 1), 1.0)
-        self.r_max.fill_(1 + (self.final_r_max - 1) * progress)
-        self.d_max.fill_(self.final_d_max * progress)
+        r_max, d_max = 1 + (self.final_r_max - 1) * progress, self.final_d_max * progress
+        self.r_max.fill_(r_max), self.r_min.fill_(1 / r_max)
+        self.d_max.fill_(d_max), self.d_min.fill_(-d_max)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", r_max={self.final_r_max}, d_max={self.final_d_max}, "
@@ -176,14 +179,14 @@ class BatchRenorm2d(_GroupedNorm):
         with torch.no_grad():  # r and d are constants for the gradient
             mean, var = BF.group_stats(x, self.statistics_batch_size)
             running_mean, running_var = (read_before_update(s) for s in (self.running_mean, self.running_var))
-            running_std = (running_var.to(var.dtype) + self.eps).sqrt()
-            r = ((var + self.eps).sqrt() / running_std).clamp(1 / self.r_max, self.r_max)
-            d = ((mean - running_mean.to(mean.dtype)) / running_std).clamp(-self.d_max, self.d_max)
+            running_invstd = torch.rsqrt(BF.cast(running_var, var.dtype) + self.eps)
+            r = torch.sqrt(var + self.eps).mul_(running_invstd).clamp_(self.r_min, self.r_max)
+            d = (mean - BF.cast(running_mean, mean.dtype)).mul_(running_invstd).clamp_(self.d_min, self.d_max)
         self._update_running_stats(mean, var, x)
         # weight * (x_hat * r + d) + bias == BN with weight * r and bias + weight * d:
         # at r = 1, d = 0 the same numbers as BN, bit for bit.
         weight = r if self.weight is None else self.weight * r
-        bias = d if self.weight is None else self.bias + self.weight * d
+        bias = d if self.weight is None else torch.addcmul(self.bias, self.weight, d)
         return BF.batch_norm(x, self.statistics_batch_size, weight, bias, self.eps, statistics=(mean, var))[0]
 
 
@@ -304,9 +307,9 @@ class KalmanNorm2d(_GroupedNorm):
             return gain
         if not self.steps_from_loop:
             count = read_before_update(count)
-        # A tensor expression of the count, not a Python branch on it: no host sync.
-        progress = (count.to(gain.dtype) / self.gain_warmup).clamp(max=1.0)
-        return 1 - (1 - gain) * progress
+        # A tensor expression of the count, not a Python branch on it: no host sync. 1 - (1 - q) progress.
+        progress = (count / self.gain_warmup).clamp_(max=1.0)
+        return (gain - 1).mul_(progress).add_(1)
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
         """This layer's prior from the previous layer's posterior, through ``conv`` (None: identity)."""
@@ -335,34 +338,31 @@ class KalmanNorm2d(_GroupedNorm):
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x), None
-        observation, (mean, var) = self.filter(x, prior)
+        self._check_prior(x, prior)
+        y, state_mean, state_var, mean, var = BF.kalman_normalize(
+            x, *(prior or (None, None)), None if prior is None else self.current_gain(), self.weight, self.bias,
+            self.eps, self.statistics_batch_size, self.fallback_ratio if self.fallback else None,
+            state_from_output=self.state_from == "output")
         self._update_running_stats(mean, var, x)
-        y = BF.normalize(x, mean, var, self.weight, self.bias, self.eps, observed=observation)
-        if self.state_from == "input":
-            return y, KalmanState(mean, var)
-        return y, KalmanState(*BF.normalized_moments(*observation, mean, var, self.weight, self.bias, self.eps))
+        return y, KalmanState(state_mean, state_var)
+
+    def _check_prior(self, x: Tensor, prior: State) -> None:
+        shape = (BF.num_groups(x.shape[0], self.statistics_batch_size), self.num_features)
+        if prior is not None and (prior.mean.shape != shape or prior.var.shape != shape):
+            raise ValueError(f"KalmanNorm2d got a prior of shape {tuple(prior.mean.shape)} but its statistics "
+                             f"are (groups, channels) = {shape}; the previous layer must use the "
+                             f"same statistics_batch_size and feed {self.num_features} channels")
 
     def filter(self, x: Tensor, prior: State = None) -> tuple[KalmanState, KalmanState]:
         """``(observation, estimate)``: each group's observed statistics of ``x`` and the Kalman
         estimate the layer normalizes with (the observation itself without a ``prior``)."""
-        obs_mean, obs_var = BF.group_stats(x, self.statistics_batch_size)
-        mean, var = obs_mean, obs_var
-        if prior is not None:
-            if prior.mean.shape != mean.shape or prior.var.shape != var.shape:
-                raise ValueError(f"KalmanNorm2d got a prior of shape {tuple(prior.mean.shape)} but its statistics "
-                                 f"are (groups, channels) = {tuple(mean.shape)}; the previous layer must use the "
-                                 f"same statistics_batch_size and feed {self.num_features} channels")
-            gain = self.current_gain()
-            post_mean, post_var = BF.kalman_update(mean, var, prior.mean, prior.var, gain)
-            if self.fallback:
-                # Per group, where the authors use one flag for the whole batch: this keeps groups
-                # independent of each other. torch.where, not .item(): no host sync.
-                ratio = (prior.var / (var + self.eps)).mean(dim=1, keepdim=True)
-                trust_observation = ratio >= self.fallback_ratio
-                post_mean = torch.where(trust_observation, mean, post_mean)
-                post_var = torch.where(trust_observation, var, post_var)
-            mean, var = post_mean, post_var.clamp_min(0)
-        return KalmanState(obs_mean, obs_var), KalmanState(mean, var)
+        self._check_prior(x, prior)
+        observation = BF.group_stats(x, self.statistics_batch_size)
+        if prior is None:
+            return KalmanState(*observation), KalmanState(*observation)
+        estimate = BF.kalman_estimate(*observation, prior.mean, prior.var, self.current_gain(),
+                                      self.fallback_ratio if self.fallback else None, self.eps)
+        return KalmanState(*observation), KalmanState(*estimate)
 
 
 class BatchNorm1d(BatchNorm2d):
