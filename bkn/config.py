@@ -231,7 +231,13 @@ class Plan:
 
     @property
     def groups_per_device(self) -> int:
+        """Statistics groups in a device batch; 0 where one group spans several devices."""
         return self.per_device_batch_size // self.statistics_batch_size
+
+    @property
+    def devices_per_statistics_group(self) -> int:
+        """How many devices one statistics group spans: 1, or k where batch.statistics is k device batches."""
+        return max(1, self.statistics_batch_size // self.per_device_batch_size)
 
     @property
     def epochs(self) -> float | None:
@@ -261,8 +267,10 @@ class Plan:
             ("processes", f"{world.size} ({world.launcher}), this one rank {world.rank}, device {self.device}"),
             ("gradient batch", f"{self.gradient_batch_size} = {self.per_device_batch_size} per device x {world.size} "
                                f"process(es) x {self.accumulation} accumulation step(s)"),
-            ("statistics", f"groups of {self.statistics_batch_size} examples, "
-                           f"{self.groups_per_device} per device batch"),
+            ("statistics", f"groups of {self.statistics_batch_size} examples, " + (
+                f"{self.groups_per_device} per device batch" if self.devices_per_statistics_group == 1 else
+                f"each pooled over {self.devices_per_statistics_group} devices (an all-reduce of its statistics "
+                f"in every normalization layer)")),
             ("evaluation", f"batches of {self.eval_batch_size}"),
             ("images", f"{self.image_size} x {self.image_size}"
                        + (f", {self.num_classes} classes" if self.num_classes is not None else "")),
@@ -332,17 +340,20 @@ def _batch(cfg: DictConfig, world: World) -> tuple[int, int, int, int, int]:
             raise ConfigError(f"batch.gradient={gradient} does not split evenly over {world.size} processes; "
                               f"make it a multiple of {world.size} or set batch.per_device")
         per_device = gradient // world.size
-    if per_device % statistics:
+    pooled = statistics > per_device and statistics % per_device == 0 and world.size % (statistics // per_device) == 0
+    if per_device % statistics and not pooled:
         divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
-        raise ConfigError(f"batch.statistics={statistics} does not divide the device batch "
-                          f"batch.per_device={per_device}: each device batch is cut into statistics groups; "
-                          f"choose one of {divisors}")
+        multiples = [per_device * k for k in range(2, world.size + 1) if world.size % k == 0]
+        raise ConfigError(f"batch.statistics={statistics} fits neither the device batch batch.per_device={per_device} "
+                          f"(a statistics group is a divisor of it: {divisors}) nor whole devices of {world.size} "
+                          f"process(es) (a group pooled over k devices is per_device x k with k dividing the number "
+                          f"of processes: {multiples or 'none with one process'}); change batch.statistics")
     if gradient % (per_device * world.size):
         raise ConfigError(f"batch.gradient={gradient} is not a multiple of batch.per_device x processes = "
                           f"{per_device} x {world.size}: the gradient batch is per_device x processes x accumulation "
                           f"steps; change batch.gradient or batch.per_device")
     accumulation = gradient // (per_device * world.size)
-    eval_batch = _int(cfg, "batch.eval", optional=True) or per_device
+    eval_batch = _int(cfg, "batch.eval", optional=True) or max(per_device, statistics)
     if eval_batch % statistics:
         raise ConfigError(f"batch.eval={eval_batch} is not a multiple of batch.statistics={statistics}: option A "
                           f"normalizes test batches in groups of batch.statistics; choose a multiple")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,39 @@ def group_stats(x: Tensor, statistics_batch_size: int | None) -> tuple[Tensor, T
     with without_autocast(x.device.type):
         mean, var = _GroupStats.apply(cast(x, statistics_dtype(x.dtype)), groups)
     return mean.view(groups, -1), var.view(groups, -1)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of ``tensor`` over the processes of ``group``, on every one of them. Its gradient is the
+    sum of theirs: each process's loss depends on every share through the sum."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def pooled_stats(x: Tensor, process_group: Any, devices: int) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance ``(1, C)`` of one statistics group that spans ``devices`` processes of
+    ``process_group``, each holding an equal share ``x`` of it: differentiable, as if the whole group
+    were on one device.
+
+    Two all-reduces of ``(C,)`` tensors each way: the mean, then each share's variance plus its mean's
+    squared distance to the group's (Chan's pairwise formula for equal counts), which stays accurate
+    for large activations where ``E[x^2] - E[x]^2`` would not.
+    """
+    mean, var = group_stats(x, None)
+    pooled_mean = _AllReduceSum.apply(mean, process_group) / devices
+    pooled_var = _AllReduceSum.apply(var + (mean - pooled_mean).square(), process_group) / devices
+    return pooled_mean, pooled_var
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:

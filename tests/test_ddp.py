@@ -49,3 +49,21 @@ def test_two_processes_train_like_one_process_with_accumulation(tmp_path: Path,
     torch.manual_seed(0)  # the engine's initialization seed (seed=0)
     initial = TinyNet(4, {"name": "bn"}, 8).state_dict()
     assert not torch.allclose(initial["block1.conv.weight"], reference["block1.conv.weight"], atol=1e-4)
+
+
+def test_a_statistics_group_pooled_over_two_processes_trains_like_one_process_holding_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # batch.statistics=8 over 2 processes x 4 examples: each layer all-reduces the group's statistics,
+    # so the run must match one process holding the whole group of 8 (no accumulation).
+    setting = [*TINY, "normalizer=bkn_analytic", "batch.statistics=8", "train.steps=5", "checkpoint.every=null"]
+    result = run_fault_runner(tmp_path, [*setting, "batch.per_device=4", f"out_dir={tmp_path / 'ddp'}"],
+                              torchrun_processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each pooled over 2 devices" in result.stdout + result.stderr
+
+    register_tiny_net(monkeypatch)
+    single = train_in_process(tmp_path / "single", [*setting, "batch.per_device=8"])
+    (ddp_run,) = {path.parent for path in (tmp_path / "ddp").rglob("summary.json")}  # named by its own overrides
+    distributed, reference = final_state(ddp_run), final_state(single)
+    for key in reference:  # parameters and running statistics alike
+        torch.testing.assert_close(distributed[key].float(), reference[key].float(), rtol=1e-5, atol=1e-6, msg=key)

@@ -27,6 +27,7 @@ from bkn.engine.distributed import Collective
 from bkn.engine.optim import build_optimizer
 from bkn.engine.rng import capture_rng_state, restore_rng_state, seed_process
 from bkn.models import build_model
+from bkn.nn import pool_statistics
 
 log = logging.getLogger("bkn")
 
@@ -152,6 +153,8 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
         if unused:
             log.info("DDP: %d parameters get no gradient (e.g. %s); searching for unused parameters every step",
                      len(unused), unused[0])
+        if plan.devices_per_statistics_group > 1:  # after the probe: a copy must not hold process groups
+            pool_statistics(model, plan.devices_per_statistics_group)
         # Running statistics stay per rank (no buffer sync before each forward); evaluation uses rank 0's.
         session.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               forward_sync_buffers=False, find_unused_parameters=bool(unused))

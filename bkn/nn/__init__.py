@@ -17,6 +17,7 @@ from bkn.nn.norms import (
     GroupNorm2d,
     KalmanNorm2d,
     build_norm,
+    pool_statistics,
     set_inference,
     set_step,
 )
@@ -25,6 +26,6 @@ from bkn.nn.state import KalmanState, State, add_states, concat_states, pad_chan
 __all__ = [
     "NORMALIZERS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "BatchRenorm3d", "ConvNormAct", "GroupNorm2d", "KalmanContext", "KalmanNorm2d", "KalmanState", "NormSpec", "Sequential",
-    "State", "add_states", "apply_norm", "build_norm", "concat_states", "convert_batchnorm", "norm_options", "pad_channels",
+    "State", "add_states", "apply_norm", "build_norm", "concat_states", "convert_batchnorm", "norm_options", "pad_channels", "pool_statistics",
     "set_inference", "set_step", "to_torch_batchnorm",
 ]

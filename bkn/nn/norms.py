@@ -34,6 +34,10 @@ class _GroupedNorm(nn.Module):
 
     carries_state = False  # True for layers whose forward takes and returns a KalmanState
     spatial_dims: tuple[int, ...] = (2,)
+    # Set by pool_statistics where a statistics group spans several devices: how many, and their
+    # process group. Plain attributes, not state: a checkpoint does not depend on the launch.
+    statistics_devices: int = 1
+    statistics_process_group: Any = None
 
     def __init__(self, num_features: int, statistics_batch_size: int | None = None, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
@@ -99,7 +103,23 @@ class _GroupedNorm(nn.Module):
             raise ValueError(f"{type(self).__name__} was built for {self.num_features} channels (num_features) "
                              f"but got input with {x.shape[1]} channels")
         if self._uses_batch_statistics():  # population statistics take any batch, as torch's BN does
-            BF.num_groups(x.shape[0], self.statistics_batch_size)  # raises with the fix named
+            self._groups(x)  # raises with the fix named
+
+    def _pools(self, x: Tensor) -> bool:
+        """Whether this forward's statistics group spans several devices (in training only: evaluation
+        runs on one device, whose batches hold whole groups)."""
+        return (self.training and self.statistics_devices > 1 and self.statistics_batch_size is not None
+                and x.shape[0] < self.statistics_batch_size)
+
+    def _groups(self, x: Tensor) -> int:
+        """Statistics groups in this batch: 1 where the group is pooled over devices."""
+        if not self._pools(x):
+            return BF.num_groups(x.shape[0], self.statistics_batch_size)
+        if x.shape[0] * self.statistics_devices != self.statistics_batch_size:
+            raise ValueError(f"statistics_batch_size={self.statistics_batch_size} is pooled over "
+                             f"{self.statistics_devices} devices, so each must hold "
+                             f"{self.statistics_batch_size // self.statistics_devices} examples, got {x.shape[0]}")
+        return 1
 
     def _uses_batch_statistics(self) -> bool:
         return self.training or self.inference == "batch" or not self.track_running_stats
@@ -111,10 +131,23 @@ class _GroupedNorm(nn.Module):
             return
         groups = mean.shape[0]
         count = x.numel() // (x.shape[1] * groups)  # values per channel per group
+        if self._pools(x):
+            count *= self.statistics_devices
         mean, var = (s[0] if groups == 1 else s.mean(0) for s in (mean, var))
         self.running_mean.lerp_(BF.cast(mean, self.running_mean.dtype), self.momentum)
         self.running_var.lerp_(BF.cast(var * (count / max(count - 1, 1)), self.running_var.dtype), self.momentum)
         self.num_batches_tracked.add_(1)
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        """BN with each statistics group's own statistics (pooled over devices where it spans several),
+        the running statistics updated in training."""
+        if self._pools(x):
+            mean, var = BF.pooled_stats(x, self.statistics_process_group, self.statistics_devices)
+            self._update_running_stats(mean.detach(), var.detach(), x)
+            return BF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        y, mean, var = BF.batch_norm(x, self.statistics_batch_size, self.weight, self.bias, self.eps)
+        self._update_running_stats(mean, var, x)
+        return y
 
     def _normalize_with_running_stats(self, x: Tensor) -> Tensor:
         """One group: each example is normalized on its own, whatever the batch size."""
@@ -130,9 +163,7 @@ class BatchNorm2d(_GroupedNorm):
         self._check_input(x)
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x)
-        y, mean, var = BF.batch_norm(x, self.statistics_batch_size, self.weight, self.bias, self.eps)
-        self._update_running_stats(mean, var, x)
-        return y
+        return self._batch_norm(x)
 
 
 class BatchRenorm2d(_GroupedNorm):
@@ -175,9 +206,15 @@ class BatchRenorm2d(_GroupedNorm):
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x)
         if not (self.training and self.track_running_stats):  # option A: plain batch statistics
-            return BF.batch_norm(x, self.statistics_batch_size, self.weight, self.bias, self.eps)[0]
+            return self._batch_norm(x)
+        pooled = self._pools(x)
+        if pooled:  # the statistics with their gradient; r and d from them without
+            statistics = BF.pooled_stats(x, self.statistics_process_group, self.statistics_devices)
+            mean, var = (s.detach() for s in statistics)
+        else:
+            with torch.no_grad():
+                mean, var = BF.group_stats(x, self.statistics_batch_size)
         with torch.no_grad():  # r and d are constants for the gradient
-            mean, var = BF.group_stats(x, self.statistics_batch_size)
             running_mean, running_var = (read_before_update(s) for s in (self.running_mean, self.running_var))
             running_invstd = torch.rsqrt(BF.cast(running_var, var.dtype) + self.eps)
             r = torch.sqrt(var + self.eps).mul_(running_invstd).clamp_(self.r_min, self.r_max)
@@ -187,6 +224,8 @@ class BatchRenorm2d(_GroupedNorm):
         # at r = 1, d = 0 the same numbers as BN, bit for bit.
         weight = r if self.weight is None else self.weight * r
         bias = d if self.weight is None else torch.addcmul(self.bias, self.weight, d)
+        if pooled:
+            return BF.normalize(x, *statistics, weight, bias, self.eps)
         return BF.batch_norm(x, self.statistics_batch_size, weight, bias, self.eps, statistics=(mean, var))[0]
 
 
@@ -339,6 +378,8 @@ class KalmanNorm2d(_GroupedNorm):
         if not self._uses_batch_statistics():
             return self._normalize_with_running_stats(x), None
         self._check_prior(x, prior)
+        if self._pools(x):
+            return self._forward_pooled(x, prior)
         y, state_mean, state_var, mean, var = BF.kalman_normalize(
             x, *(prior or (None, None)), None if prior is None else self.current_gain(), self.weight, self.bias,
             self.eps, self.statistics_batch_size, self.fallback_ratio if self.fallback else None,
@@ -346,8 +387,20 @@ class KalmanNorm2d(_GroupedNorm):
         self._update_running_stats(mean, var, x)
         return y, KalmanState(state_mean, state_var)
 
+    def _forward_pooled(self, x: Tensor, prior: State) -> tuple[Tensor, State]:
+        """The same step as autograd ops, for a statistics group that spans several devices."""
+        observation = BF.pooled_stats(x, self.statistics_process_group, self.statistics_devices)
+        gain = None if prior is None else self.current_gain()
+        estimate = BF.kalman_estimate(*observation, *(prior or (None, None)), gain,
+                                      self.fallback_ratio if self.fallback else None, self.eps)
+        self._update_running_stats(*(s.detach() for s in estimate), x)
+        y = BF.normalize(x, *estimate, self.weight, self.bias, self.eps)
+        if self.state_from == "input":
+            return y, KalmanState(*estimate)
+        return y, KalmanState(*BF.normalized_moments(*observation, *estimate, self.weight, self.bias, self.eps))
+
     def _check_prior(self, x: Tensor, prior: State) -> None:
-        shape = (BF.num_groups(x.shape[0], self.statistics_batch_size), self.num_features)
+        shape = (self._groups(x), self.num_features)
         if prior is not None and (prior.mean.shape != shape or prior.var.shape != shape):
             raise ValueError(f"KalmanNorm2d got a prior of shape {tuple(prior.mean.shape)} but its statistics "
                              f"are (groups, channels) = {shape}; the previous layer must use the "
@@ -485,6 +538,28 @@ def set_step(model: nn.Module, step: int) -> None:
     for module in model.modules():
         if isinstance(module, (BatchRenorm2d, KalmanNorm2d)):
             module.set_step(step)
+
+
+def pool_statistics(model: nn.Module, devices: int) -> None:
+    """Let every BN, BRN and BKN layer of ``model`` pool each statistics group over ``devices``
+    consecutive processes of the default process group (ranks ``0..devices-1``, the next ``devices``,
+    ...), for a ``statistics_batch_size`` of ``devices`` device batches. Every process must call it
+    (creating process groups is collective); ``devices`` must divide the number of processes."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if devices < 1 or world % devices:
+        raise ValueError(f"statistics pooled over {devices} devices do not fit {world} processes; "
+                         f"choose a number of devices that divides {world}")
+    own_group = None
+    for first in range(0, world, devices):
+        ranks = list(range(first, first + devices))
+        group = dist.new_group(ranks)  # every rank takes part in creating every group
+        if rank in ranks:
+            own_group = group
+    for module in model.modules():
+        if isinstance(module, _GroupedNorm):
+            module.statistics_devices, module.statistics_process_group = devices, own_group
 
 
 def set_inference(model: nn.Module, inference: Inference) -> None:
