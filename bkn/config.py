@@ -344,10 +344,11 @@ def _batch(cfg: DictConfig, world: World) -> tuple[int, int, int, int, int]:
     if per_device % statistics and not pooled:
         divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
         multiples = [per_device * k for k in range(2, world.size + 1) if world.size % k == 0]
-        raise ConfigError(f"batch.statistics={statistics} fits neither the device batch batch.per_device={per_device} "
-                          f"(a statistics group is a divisor of it: {divisors}) nor whole devices of {world.size} "
-                          f"process(es) (a group pooled over k devices is per_device x k with k dividing the number "
-                          f"of processes: {multiples or 'none with one process'}); change batch.statistics")
+        pooling = (f", or a group pooled over whole devices: one of {multiples}" if multiples else
+                   " (or, with k processes, per_device x k: a group pooled over k devices)")
+        raise ConfigError(f"batch.statistics={statistics} does not divide the device batch "
+                          f"batch.per_device={per_device}: each device batch is cut into statistics groups; "
+                          f"choose one of {divisors}{pooling}")
     if gradient % (per_device * world.size):
         raise ConfigError(f"batch.gradient={gradient} is not a multiple of batch.per_device x processes = "
                           f"{per_device} x {world.size}: the gradient batch is per_device x processes x accumulation "

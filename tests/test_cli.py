@@ -120,7 +120,8 @@ def test_torchrun_says_a_bad_setting_once(tmp_path: Path) -> None:
                               torchrun_processes=2, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: batch.statistics=3 does not divide the device batch batch.per_device=4: each device "
-                      "batch is cut into statistics groups; choose one of [1, 2, 4]"]
+                      "batch is cut into statistics groups; choose one of [1, 2, 4], or a group pooled over whole devices: "
+                      "one of [8]"]
     assert "exitcode  : 2" in result.stderr  # rank 0's own exit code is what torchrun reports
     assert not _run_dirs(tmp_path)
 

@@ -38,7 +38,8 @@ def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2(tmp_path: Path) -> 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: batch.statistics=3 does not divide the device batch batch.per_device=16: each device batch is cut "
-        "into statistics groups; choose one of [1, 2, 4, 8, 16]"]
+        "into statistics groups; choose one of [1, 2, 4, 8, 16] (or, with k processes, per_device x k: a group "
+        "pooled over k devices)"]
     assert not list(tmp_path.rglob("summary.json"))  # nothing ran
 
 
