@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -387,11 +388,12 @@ class _KalmanNormalize(torch.autograd.Function):
     estimate itself as the state the next layer predicts from; the backward derived by hand.
 
     Forward: the statistics kernel, a few fused ``(G, C)`` ops and the eval-mode kernel, as BN runs.
-    Backward: PyTorch's training-mode kernel, whose ``dx`` holds the gradient that would reach ``x``
-    if the estimate were ``x``'s own statistics; the difference to the true gradient, which reaches
-    ``x`` through the observed statistics, is affine in ``x`` per channel and added in one pass. Where
-    the estimate is the observation (gain 1) that difference is exactly zero and every number is
-    BN's, bit for bit. Differentiated again (``create_graph=True``), the backward differentiates
+    The fallback is a per-group gain of 1 (``lerp`` to the observation is then exact). Backward:
+    PyTorch's training-mode kernel, whose ``dx`` holds the gradient that would reach ``x`` if the
+    estimate were ``x``'s own statistics; the difference to the true gradient, which reaches ``x``
+    through the observed statistics, is affine in ``x`` per channel and added in one pass. Where the
+    estimate is the observation (gain 1) that difference is exactly zero and every number is BN's, bit
+    for bit. Differentiated again (``create_graph=True``), the backward differentiates
     :func:`kalman_normalize_reference` instead.
     """
 
@@ -403,89 +405,96 @@ class _KalmanNormalize(torch.autograd.Function):
         grouped = _grouped(x, groups)
         obs_mean, obs_var = (s.view(groups, -1) for s in _channel_statistics(cast(grouped, weight.dtype)))
         mean, var = obs_mean, obs_var
-        diff = trust_observation = unclamped_var = None
+        group_gain = trusted = one_minus_gain = weighted_diff = unclamped_var = None
         if prior_mean is not None:
+            group_gain = gain
+            if fallback_ratio is not None:  # per group (the authors: one flag for the batch); no host sync
+                trusted = (prior_var / (obs_var + eps)).mean(dim=1, keepdim=True) >= fallback_ratio
+                group_gain = torch.maximum(trusted, gain)  # (G, 1): 1 where trusted (a gain is at most 1), else q
+            one_minus_gain = 1 - group_gain
             diff = obs_mean - prior_mean
-            mean = torch.lerp(prior_mean, obs_mean, gain)  # exactly obs_mean at gain 1
-            var = torch.lerp(prior_var, obs_var, gain).addcmul_(diff * diff, gain * (1 - gain))
-            if fallback_ratio is not None:
-                trust_observation = (prior_var / (obs_var + eps)).mean(dim=1, keepdim=True) >= fallback_ratio
-                mean, var = torch.where(trust_observation, obs_mean, mean), torch.where(trust_observation, obs_var, var)
-            unclamped_var, var = var, var.clamp_min(0)
+            weighted_diff = diff * (group_gain * one_minus_gain)
+            mean = torch.lerp(prior_mean, obs_mean, group_gain)  # exactly obs_mean at gain 1
+            unclamped_var = torch.lerp(prior_var, obs_var, group_gain).addcmul_(weighted_diff, diff)
+            var = unclamped_var.clamp_min(0)  # a negative prior variance could make it negative
         invstd = torch.rsqrt(var + eps)
         flat_weight = _flat(weight, groups)
         y = _eval_kernel(grouped, flat_weight, _flat(bias, groups), mean.view(-1), var.view(-1), eps)
+        scale = invstd * weight
+        centered = None
         if state_from_output:
-            scale = invstd * weight
-            state = torch.addcmul(bias, scale, obs_mean - mean), scale * scale * obs_var
+            centered = obs_mean - mean
+            state = torch.addcmul(bias, scale, centered), scale * scale * obs_var
         else:
             state = mean.clone(), var.clone()  # outputs of their own: mean and var are returned without a gradient too
         ctx.save_for_backward(x, prior_mean, prior_var, gain, weight, bias, flat_weight, obs_mean, obs_var, mean,
-                              var, invstd, diff, trust_observation, unclamped_var)
-        ctx.eps, ctx.groups, ctx.fallback_ratio, ctx.state_from_output = eps, groups, fallback_ratio, state_from_output
+                              invstd, scale, centered, group_gain, trusted, one_minus_gain, weighted_diff,
+                              unclamped_var)
+        ctx.eps, ctx.groups, ctx.state_from_output = eps, groups, state_from_output
+        ctx.reference_options = eps, groups, fallback_ratio, state_from_output
         ctx.mark_non_differentiable(mean, var)
         return _ungrouped(y, x, groups), *state, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, grad_state_mean, grad_state_var, _grad_mean, _grad_var):
         if torch.is_grad_enabled():
-            return _kalman_normalize_double_backward(ctx, grad_y, grad_state_mean, grad_state_var)
-        (x, prior_mean, prior_var, gain, weight, bias, flat_weight, obs_mean, obs_var, mean, var, invstd, diff,
-         trust_observation, unclamped_var) = ctx.saved_tensors
+            return _differentiate_reference(ctx, kalman_normalize_reference, 6, grad_y, grad_state_mean,
+                                            grad_state_var)
+        (x, prior_mean, prior_var, gain, weight, bias, flat_weight, obs_mean, obs_var, mean, invstd, scale, centered,
+         group_gain, trusted, one_minus_gain, weighted_diff, unclamped_var) = ctx.saved_tensors
         groups = ctx.groups
-        # The normalization: the kernel's dx, and the gradients of its statistics and affine parameters
+        # The normalization: the kernel's dx, and the gradients of its statistics and affine parameters,
         # (G, C): d mean = -sum(dy) w invstd, d var = -sum(dy x_hat) w invstd^2 / 2.
-        grad_x = None
-        grad_mean = grad_var = grad_weight = grad_bias = None
-        scale = weight * invstd
+        grad_x = grad_mean = grad_var = grad_weight = grad_bias = None
+        scale_invstd = scale * invstd
         if grad_y is not None:
             grad_x, grad_weight, grad_bias, _ = _batch_norm_backward(grad_y, x, mean.view(-1), None, flat_weight, ctx,
                                                                      training=True, invstd=invstd.view(-1))
             grad_weight, grad_bias = grad_weight.view(groups, -1), grad_bias.view(groups, -1)
             grad_mean = -grad_bias * scale
-            grad_var = grad_weight * scale * invstd * -0.5
+            grad_var = grad_weight * scale_invstd * -0.5
         kernel_grad_mean, kernel_grad_var = grad_mean, grad_var  # what the kernel's dx already holds
         # The state passed on.
         grad_obs_mean = grad_obs_var = None
         if ctx.state_from_output:
-            grad_invstd = None
-            if grad_state_mean is not None:  # state mean = w invstd (obs_mean - mean) + b
+            # state mean = w invstd centered + b, state var = w^2 invstd^2 obs_var; through invstd:
+            # d var += -h w invstd^3 / 2 and d w += h invstd, with h = g_mean centered + 2 g_var obs_var w invstd.
+            through_invstd = None
+            if grad_state_mean is not None:
                 grad_obs_mean = grad_state_mean * scale
                 grad_mean = _add(grad_mean, -grad_obs_mean)
-                centered = grad_state_mean * (obs_mean - mean)
-                grad_invstd = centered * weight
-                grad_weight = _add(grad_weight, centered * invstd)
                 grad_bias = _add(grad_bias, grad_state_mean)
-            if grad_state_var is not None:  # state var = w^2 invstd^2 obs_var
+                through_invstd = grad_state_mean * centered
+            if grad_state_var is not None:
                 grad_obs_var = grad_state_var * scale * scale
-                weighted = 2 * grad_state_var * obs_var * scale
-                grad_invstd = _add(grad_invstd, weighted * weight)
-                grad_weight = _add(grad_weight, weighted * invstd)
-            if grad_invstd is not None:
-                grad_var = _add(grad_var, grad_invstd * invstd.pow(3) * -0.5)
+                weighted = grad_state_var * obs_var
+                through_invstd = (weighted * scale * 2 if through_invstd is None
+                                  else torch.addcmul(through_invstd, weighted, scale, value=2))
+            if through_invstd is not None:
+                through_invstd = through_invstd * invstd
+                grad_weight = _add(grad_weight, through_invstd)
+                grad_var = (through_invstd * scale_invstd * -0.5 if grad_var is None
+                            else torch.addcmul(grad_var, through_invstd, scale_invstd, value=-0.5))
         else:
             grad_mean, grad_var = _add(grad_mean, grad_state_mean), _add(grad_var, grad_state_var)
-        # The estimate: the observation itself, or the Kalman update with the fallback and the clamp.
+        # The estimate: the observation itself, or the Kalman update with the clamp.
         grad_prior_mean = grad_prior_var = grad_gain = None
         if prior_mean is None:
             grad_obs_mean, grad_obs_var = _add(grad_obs_mean, grad_mean), _add(grad_obs_var, grad_var)
         elif grad_mean is not None or grad_var is not None:
             grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-            grad_var = torch.zeros_like(var) if grad_var is None else grad_var * (unclamped_var >= 0)  # clamp_min's
-            if trust_observation is not None:
-                grad_obs_mean = _add(grad_obs_mean, torch.where(trust_observation, grad_mean, 0))
-                grad_obs_var = _add(grad_obs_var, torch.where(trust_observation, grad_var, 0))
-                grad_mean = torch.where(trust_observation, 0, grad_mean)
-                grad_var = torch.where(trust_observation, 0, grad_var)
-            # mean = lerp(prior, obs, q); var = lerp(prior var, obs var, q) + q (1 - q) diff^2
-            cross = grad_var * diff * (2 * gain * (1 - gain))
-            grad_obs_mean = _add(grad_obs_mean, torch.addcmul(cross, grad_mean, gain))
-            grad_obs_var = _add(grad_obs_var, grad_var * gain)
-            grad_prior_mean = grad_mean * (1 - gain) - cross
-            grad_prior_var = grad_var * (1 - gain)
-            if ctx.needs_input_grad[3]:
+            grad_var = torch.zeros_like(mean) if grad_var is None else grad_var * (unclamped_var >= 0)
+            # mean = lerp(prior, obs, q), var = lerp(prior var, obs var, q) + q (1 - q) diff^2, q per group
+            cross = grad_var * weighted_diff * 2
+            grad_obs_mean = _add(grad_obs_mean, torch.addcmul(cross, grad_mean, group_gain))
+            grad_obs_var = _add(grad_obs_var, grad_var * group_gain)
+            grad_prior_mean = (grad_mean * one_minus_gain).sub_(cross)
+            grad_prior_var = grad_var * one_minus_gain
+            if ctx.needs_input_grad[3]:  # a learned gain; a group that fell back does not depend on it
+                diff = obs_mean - prior_mean
                 spread = obs_var - prior_var + diff * diff * (1 - 2 * gain)
-                grad_gain = (grad_mean * diff + grad_var * spread).sum()
+                per_group = (grad_mean * diff + grad_var * spread).sum(1, keepdim=True)
+                grad_gain = (per_group if trusted is None else per_group * ~trusted).sum()
         # dx: the gradient through the observed statistics, a / n + 2 b (x - obs_mean) / n, less what the
         # kernel's dx holds for the estimate, c / n + 2 d (x - mean) / n: offset + slope * x per channel.
         if ctx.needs_input_grad[0] and (grad_obs_mean is not None or grad_obs_var is not None):
@@ -510,17 +519,19 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _kalman_normalize_double_backward(ctx, *grad_outputs: Tensor | None):
-    """The backward of :class:`_KalmanNormalize` as autograd ops of the reference composition, so that it
-    can be differentiated again (double backward, gradient penalties)."""
-    inputs = ctx.saved_tensors[:6]  # x, prior_mean, prior_var, gain, weight, bias
+def _differentiate_reference(ctx, reference: Callable[..., tuple[Tensor, ...]], num_inputs: int,
+                             *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """A Function's backward as autograd ops of its ``reference`` composition, so that it can be
+    differentiated again (double backward, gradient penalties): the first ``num_inputs`` saved tensors
+    are the differentiable inputs, in order; the reference takes them and the ``ctx.reference_options``."""
+    inputs = ctx.saved_tensors[:num_inputs]
     with torch.enable_grad():
-        outputs = kalman_normalize_reference(*inputs, ctx.eps, ctx.groups, ctx.fallback_ratio, ctx.state_from_output)
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+        outputs = reference(*inputs, *ctx.reference_options)
+    pairs = [(output, grad) for output, grad in zip(outputs, grad_outputs) if grad is not None]
     wanted = [i for i, tensor in enumerate(inputs) if ctx.needs_input_grad[i] and tensor is not None]
     grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
                                 create_graph=True, allow_unused=True)
-    result = [None] * 10
+    result: list[Tensor | None] = [None] * len(ctx.needs_input_grad)
     for i, grad in zip(wanted, grads):
         result[i] = grad
     return tuple(result)
@@ -550,8 +561,43 @@ def kalman_normalize(x: Tensor, prior_mean: Tensor | None, prior_var: Tensor | N
 # They compute in the dtype of the statistics; callers under autocast switch it off around them.
 
 def linear_transition(mean: Tensor, var: Tensor, matrix: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """Paper Eq. 2-3 with diagonal variances: ``A mu``, ``(A o A) var + r``."""
+    """Paper Eq. 2-3 with diagonal variances: ``A mu``, ``(A o A) var + r`` (``noise`` is ``r``, 0-dim).
+    Four ops forward and its backward derived by hand: this runs before every BKN layer."""
+    return _LinearTransition.apply(mean, var, matrix, noise)
+
+
+def linear_transition_reference(mean: Tensor, var: Tensor, matrix: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`linear_transition` as autograd ops."""
     return mean @ matrix.t(), var @ (matrix * matrix).t() + noise
+
+
+class _LinearTransition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mean: Tensor, var: Tensor, matrix: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        square = matrix * matrix
+        ctx.save_for_backward(mean, var, matrix, noise, square)
+        ctx.reference_options = ()
+        return torch.mm(mean, matrix.t()), torch.addmm(noise, var, square.t())
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor | None, grad_var: Tensor | None):
+        if torch.is_grad_enabled():
+            return _differentiate_reference(ctx, linear_transition_reference, 4, grad_mean, grad_var)
+        mean, var, matrix, noise, square = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_in_mean = grad_in_var = grad_matrix = grad_noise = None
+        if grad_mean is not None:
+            grad_in_mean = torch.mm(grad_mean, matrix) if needs[0] else None
+            grad_matrix = torch.mm(grad_mean.t(), mean) if needs[2] else None
+        if grad_var is not None:
+            grad_in_var = torch.mm(grad_var, square) if needs[1] else None
+            if needs[2]:  # d (A o A) / d A = 2 A
+                through_square = torch.mm(grad_var.t(), var)
+                grad_matrix = (through_square.mul_(matrix).mul_(2) if grad_matrix is None
+                               else grad_matrix.addcmul_(through_square, matrix, value=2))
+            grad_noise = grad_var.sum_to_size(noise.shape) if needs[3] else None
+        return grad_in_mean, grad_in_var, grad_matrix, grad_noise
 
 
 def _relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:

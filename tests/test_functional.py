@@ -179,3 +179,34 @@ def test_transitions_gradcheck():
     matrix = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     noise = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(BF.linear_transition, (mean, var, matrix, noise))
+    assert torch.autograd.gradgradcheck(BF.linear_transition, (mean, var, matrix, noise))
+    for got, expected in zip(BF.linear_transition(mean, var, matrix, noise),
+                             BF.linear_transition_reference(mean, var, matrix, noise)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("state_from_output", [True, False])
+@pytest.mark.parametrize("fallback_ratio", [None, 3.0])
+def test_kalman_normalize_equals_its_autograd_composition(state_from_output, fallback_ratio):
+    """The hand-derived step against kalman_normalize_reference (autograd ops), float64: outputs, and
+    gradients of everything (gradcheck, with the state in the loss). With fallback_ratio=3 the first
+    group's prior is far too wide and falls back to its observation, the second's does not."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 3, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
+    prior_mean = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    prior_var = (torch.rand(2, 3, dtype=torch.float64) + 0.5).mul(torch.tensor([[100.0], [0.1]], dtype=torch.float64))
+    prior_var.requires_grad_()
+    gain = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # learned: it gets a gradient too
+    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    options = (1e-5, 2, fallback_ratio, state_from_output)
+    inputs = (x, prior_mean, prior_var, gain, weight, bias)
+    fused = BF.kalman_normalize(*inputs, 1e-5, 2, fallback_ratio, state_from_output)
+    reference = BF.kalman_normalize_reference(*inputs, *options)
+    for got, expected in zip(fused[:3], reference):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if fallback_ratio is not None:  # the first group uses its observation, the second the Kalman estimate
+        observed_mean = BF.group_stats(x, 2)[0]
+        assert torch.equal(fused[3][0], observed_mean[0]) and not torch.allclose(fused[3][1], observed_mean[1])
+    assert torch.autograd.gradcheck(lambda *a: BF.kalman_normalize(*a, 1e-5, 2, fallback_ratio, state_from_output)[:3],
+                                    inputs)

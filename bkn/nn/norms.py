@@ -189,13 +189,16 @@ class BatchRenorm2d(_GroupedNorm):
         self.register_buffer("r_min", torch.tensor(1.0), persistent=False)  # 1 / r_max, set with it
         self.register_buffer("d_max", torch.tensor(0.0), persistent=False)
         self.register_buffer("d_min", torch.tensor(0.0), persistent=False)  # -d_max
+        self.relax_progress = 0.0  # of the limits in the buffers: set_step fills them when it changes
 
     def set_step(self, step: int) -> None:
         """Set the clipping limits for optimizer step ``step``."""
         progress = min(max(step - self.warmup_steps, 0) / max(self.relax_steps, 1), 1.0)
-        r_max, d_max = 1 + (self.final_r_max - 1) * progress, self.final_d_max * progress
-        self.r_max.fill_(r_max), self.r_min.fill_(1 / r_max)
-        self.d_max.fill_(d_max), self.d_min.fill_(-d_max)
+        if progress != self.relax_progress:  # four ops a layer, only while the limits move
+            self.relax_progress = progress
+            r_max, d_max = 1 + (self.final_r_max - 1) * progress, self.final_d_max * progress
+            self.r_max.fill_(r_max), self.r_min.fill_(1 / r_max)
+            self.d_max.fill_(d_max), self.d_min.fill_(-d_max)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", r_max={self.final_r_max}, d_max={self.final_d_max}, "
@@ -297,10 +300,12 @@ class KalmanNorm2d(_GroupedNorm):
             self.gain_logit = nn.Parameter(torch.empty(()))
         else:  # a hyper-parameter, not state: not saved, so a config change is not overridden
             self.register_buffer("gain", torch.empty(()), persistent=False)
-        # The training loop's optimizer step (set_step), which the warm-up counts once it is set;
-        # a buffer, so the gain stays a tensor expression (no recompilation under torch.compile).
-        self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.long), persistent=False)
-        self.steps_from_loop = False
+        # The warm-up's progress at the training loop's optimizer step (set_step), once it is set; a
+        # buffer, so the gain stays a tensor expression (no recompilation under torch.compile) while the
+        # warm-up runs. warmup_done (a Python flag) skips it after: one recompilation, no ops a step.
+        self.register_buffer("warmup_progress", torch.zeros(()), persistent=False)
+        self.steps_from_loop = self.warmup_done = False
+        self.warmup_progress_value = 0.0
         if transition == "linear" and in_features is not None:
             if propagate:
                 self.transition_matrix = nn.Parameter(torch.empty(num_features, in_features))
@@ -333,21 +338,23 @@ class KalmanNorm2d(_GroupedNorm):
         """Count the gain warm-up in optimizer steps from now on. train.py calls it before every step,
         so gradient accumulation and DDP follow the same schedule; without it the layer counts its
         own training batches."""
-        self.optimizer_step.fill_(step)
-        self.steps_from_loop = True
+        progress = min(step / self.gain_warmup, 1.0) if self.gain_warmup else 1.0
+        if not self.steps_from_loop or progress != self.warmup_progress_value:  # one op a layer, only while it moves
+            self.warmup_progress.fill_(progress)
+            self.warmup_progress_value = progress
+        self.steps_from_loop, self.warmup_done = True, progress == 1.0
 
     def current_gain(self) -> Tensor:
         """The gain of this forward pass: ``q``, or during the warm-up between 1 and ``q`` (also in eval
         mode with option A, which runs the filter as training at the same point would)."""
         gain = torch.sigmoid(self.gain_logit) if self.learn_gain else self.gain
-        # The layer's own count is raised later in this forward (_update_running_stats): read_before_update.
-        count = self.optimizer_step if self.steps_from_loop else self.num_batches_tracked
-        if not self.gain_warmup or count is None:
+        if not self.gain_warmup or self.warmup_done or (self.num_batches_tracked is None and not self.steps_from_loop):
             return gain
-        if not self.steps_from_loop:
-            count = read_before_update(count)
+        if self.steps_from_loop:
+            progress = self.warmup_progress
+        else:  # the layer's own count, raised later in this forward (_update_running_stats): read_before_update
+            progress = (read_before_update(self.num_batches_tracked) / self.gain_warmup).clamp_(max=1.0)
         # A tensor expression of the count, not a Python branch on it: no host sync. 1 - (1 - q) progress.
-        progress = (count / self.gain_warmup).clamp_(max=1.0)
         return (gain - 1).mul_(progress).add_(1)
 
     def predict(self, previous: State, conv: nn.Conv2d | None = None) -> State:
