@@ -860,10 +860,12 @@ RECORD_FILES = ("summary.json", "config.yaml", "metrics.jsonl", GAPS_FILE)
 
 
 def load_runs(runs_dir: Path, records_dir: Path, experiment: str) -> list[Run]:
-    """The runs of ``experiment`` under ``runs_dir``, and the committed records of those not there."""
+    """The runs of ``experiment`` under ``runs_dir``, and the committed records of those not there, by
+    name: the seeds of a cell then come in the same order wherever each lies (tables, dots in figures)."""
     runs = load_local(runs_dir, [experiment])
     names = {run.name for run in runs}
-    return runs + [run for run in load_local(records_dir, [experiment]) if run.name not in names]
+    return sorted(runs + [run for run in load_local(records_dir, [experiment]) if run.name not in names],
+                  key=lambda run: run.name)
 
 
 def save_records(runs: Sequence[Run], records_dir: Path) -> None:

@@ -571,6 +571,20 @@ def test_a_runs_fig8_gaps_are_measured_once_and_kept_with_its_record(tmp_path: P
     assert study_report.has_gaps(saved, measure_checkpoints=False)  # a new machine: the record has them
 
 
+def test_a_cells_seeds_come_in_the_same_order_from_the_runs_dir_and_from_the_records(tmp_path: Path) -> None:
+    """A report written while some seeds still lie in the runs dir lists them as one from the records alone."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    for seed in range(3):
+        write_study_run(runs, "study_fashion", (16, 1), {"name": "bn"}, seed, top1=90.0, losses=[1.0] * 20,
+                        curve=[(1, 90.0)])
+    study_report.save_records(study_report.load_runs(runs, records, "study_fashion"), records)
+    for seed in (0, 1):  # seeds 0 and 1 only committed, seed 2 still in the runs dir
+        shutil.rmtree(runs / "study_fashion" / f"g16_s1_bn_seed{seed}")
+    mixed = [run.summary["seed"] for run in study_report.load_runs(runs, records, "study_fashion")]
+    alone = [run.summary["seed"] for run in study_report.load_runs(tmp_path / "no_runs", records, "study_fashion")]
+    assert mixed == alone == [0, 1, 2]
+
+
 def committed_numbers(paths: list[Path]) -> list[float]:
     return [float(number) for path in paths for number in re.findall(r"\d+\.\d+", path.read_text())]
 
