@@ -57,7 +57,7 @@ from study_results.claims import write_claims
 from study_results.experiments import EXPERIMENTS, GRIDS, PRIOR_FIT, REFERENCE_ACCURACIES, RERUNS
 from study_results.figures import write_final_figure, write_figure
 from study_results.measures import baseline_top1
-from study_results.normalizers import UnknownNormalizer
+from study_results.normalizers import UnknownNormalizer, normalizer_of
 from study_results.records import load_runs, save_records, with_checkpoints
 from study_results.robustness import write_robustness
 from study_results.status import readme_status, write_readme_status
@@ -72,50 +72,59 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-checkpoints", action="store_true",
                         help="skip what loads the trained networks (the Fig. 8 analogue, the prior fit)")
     args = parser.parse_args(argv)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    records_dir = args.out_dir / "records"
+    try:
+        write_report(args.runs_dir, args.out_dir, measure_checkpoints=not args.no_checkpoints)
+    except UnknownNormalizer as error:  # a run of a normalizer the report has no row for: one line, the fix
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def write_report(runs_dir: Path, out_dir: Path, measure_checkpoints: bool) -> None:
+    """Every table, figure and the README status line from the runs of ``runs_dir`` and the records
+    under ``out_dir``; UnknownNormalizer, before anything is written, for a run of a normalizer that
+    study_results/normalizers.py does not list."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_dir = out_dir / "records"
+    loaded = {experiment: load_runs(runs_dir, records_dir, experiment) for experiment in EXPERIMENTS}
+    for run in (run for runs in loaded.values() for run in runs):  # every row's normalizer known, before any file
+        normalizer_of(run.variant)
     written = []
-    for experiment in EXPERIMENTS:
-        runs = load_runs(args.runs_dir, records_dir, experiment)
+    for experiment, runs in loaded.items():
         if not runs:
             continue
         save_records(runs, records_dir)
         written.append(experiment)
         if experiment == "study_robustness":  # cells by model and learning rate, not by setting alone
-            write_robustness(runs, args.out_dir)
+            write_robustness(runs, out_dir)
             continue
-        write_results_table(experiment, runs, args.out_dir)
-        write_figure(experiment, runs, args.out_dir)
+        write_results_table(experiment, runs, out_dir)
+        write_figure(experiment, runs, out_dir)
         if experiment in RERUNS:
-            write_rerun(experiment, runs, load_runs(args.runs_dir, records_dir, RERUNS[experiment]), args.out_dir)
+            write_rerun(experiment, runs, load_runs(runs_dir, records_dir, RERUNS[experiment]), out_dir)
         if experiment in GRIDS:
-            write_final_figure(experiment, runs, args.out_dir)
+            write_final_figure(experiment, runs, out_dir)
             baseline = baseline_top1(runs, GRIDS[experiment].baseline)
             if baseline is not None:
-                write_steps_to_baseline(experiment, runs, baseline, args.out_dir)
+                write_steps_to_baseline(experiment, runs, baseline, out_dir)
             # The gaps of each run come from its record or, the first time, its checkpoint. Without
             # either (a fresh clone of the digits study) the committed Fig. 8 analogue stays as it is.
-            measured = [run for run in runs if has_gaps(run, not args.no_checkpoints)]
-            gaps = write_variance_gap(experiment, measured, args.out_dir) if measured else {}
+            measured = [run for run in runs if has_gaps(run, measure_checkpoints)]
+            gaps = write_variance_gap(experiment, measured, out_dir) if measured else {}
             save_records(measured, records_dir)  # with the gaps measured just now
             if experiment in REFERENCE_ACCURACIES:
-                write_claims(experiment, runs, baseline, gaps, args.out_dir)
-        if experiment in PRIOR_FIT and not args.no_checkpoints:
+                write_claims(experiment, runs, baseline, gaps, out_dir)
+        if experiment in PRIOR_FIT and measure_checkpoints:
             rows = prior_fit.summarize(with_checkpoints(runs), batches=4, device=torch.device("cpu"))
             if rows:
-                prior_fit.write_markdown(rows, args.out_dir / PRIOR_FIT[experiment], "make study")
-    if not args.no_checkpoints:  # before any training: what each kind of state predicts at initialization
-        prior_fit.write_markdown(prior_fit.initial_rows(batches=4), args.out_dir / "prior_fit_initial.md",
+                prior_fit.write_markdown(rows, out_dir / PRIOR_FIT[experiment], "make study")
+    if measure_checkpoints:  # before any training: what each kind of state predicts at initialization
+        prior_fit.write_markdown(prior_fit.initial_rows(batches=4), out_dir / "prior_fit_initial.md",
                                  "make study (no runs needed)", "at initialization (seeds 0-2, before any step)")
-    line = readme_status(args.runs_dir, records_dir)
-    write_readme_status(args.out_dir, line)
-    print(f"wrote {', '.join(written) or 'no tables (no runs yet)'} and the README status line to {args.out_dir}")
+    line = readme_status(runs_dir, records_dir)
+    write_readme_status(out_dir, line)
+    print(f"wrote {', '.join(written) or 'no tables (no runs yet)'} and the README status line to {out_dir}")
     print(line)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UnknownNormalizer as error:  # a run of a normalizer the report has no row for: one line, the fix
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -610,16 +609,19 @@ def test_a_new_normalizer_is_one_entry_of_the_list_every_table_reads(tmp_path: P
     assert "GN and PEN have per-example statistics, so their A is their B" in text
 
 
-def test_a_run_of_a_normalizer_the_report_does_not_know_gets_one_line_naming_the_list(tmp_path: Path) -> None:
-    write_study_run(tmp_path / "runs", "study_quick", (32, 2), {"name": "no_such_norm"}, 0, top1=80.0,
-                    losses=[1.0] * 20, curve=[(1, 80.0)])
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_report.py"), "--runs-dir",
-                             str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out"), "--no-checkpoints"],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
+def test_a_run_of_a_normalizer_the_report_does_not_know_gets_one_line_naming_the_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_study_run(runs, "study", (64, 64), {"name": "bn"}, 0, top1=98.0, losses=[1.0] * 20, curve=[(1, 98.0)])
+    write_study_run(runs, "study_quick", (32, 2), {"name": "no_such_norm"}, 0, top1=80.0, losses=[1.0] * 20,
+                    curve=[(1, 80.0)])
+    with pytest.raises(SystemExit) as stopped:
+        report(runs, out)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
         "error: the study's report does not know the normalizer 'no_such_norm' (run variant 'no_such_norm'): "
         "add it to NORMALIZERS in scripts/study_results/normalizers.py"]
+    assert not any(out.iterdir())  # stopped before writing anything
 
 
 def committed_numbers(paths: list[Path]) -> list[float]:
