@@ -57,13 +57,9 @@ def final_top1s(runs: Sequence[Run], inference: str) -> list[float]:
             and (top1 := run.final(inference_of(run.variant, inference))) is not None]
 
 
-def first_reach(run: Run, inference: str, threshold: float) -> int | None:
-    return next((step for step, top1 in run.curve(inference) if top1 >= threshold), None)
-
-
 def steps_to_reach(runs: Sequence[Run], inference: str, threshold: float) -> list[int | None]:
     """Per finished run, the step of its first evaluation at or above ``threshold`` (None: never)."""
-    return [first_reach(run, inference_of(run.variant, inference), threshold)
+    return [run.first_reach(inference_of(run.variant, inference), threshold)
             for run in runs if run.finished]
 
 
