@@ -246,16 +246,12 @@ def matches(run: Run, match: Mapping[str, Any]) -> bool:
     return True
 
 
-def _steps_to_reach(run: Run, threshold: float) -> float | None:
-    """First evaluated step whose population top-1 reaches ``threshold``; None if it never does."""
-    return next((float(step) for step, top1 in run.curve("population") if top1 >= threshold), None)
-
-
 def _run_value(run: Run, metric: str, bn_top1: float | None) -> float | None:
     if metric.startswith("top1_"):
         return run.final(metric.removeprefix("top1_"))
     if metric == "steps_to_bn_top1":
-        return None if bn_top1 is None else _steps_to_reach(run, bn_top1)
+        step = None if bn_top1 is None else run.first_reach("population", bn_top1)
+        return None if step is None else float(step)
     value = run.summary.get(metric)
     return None if value is None else float(value)
 

@@ -68,6 +68,11 @@ class Run:
                   if line.get("inference") == inference and line.get(metric) is not None}
         return sorted(points.items())
 
+    def first_reach(self, inference: str, threshold: float) -> int | None:
+        """The step of the first evaluation under ``inference`` whose top-1 is at or above ``threshold``
+        (None: none is)."""
+        return next((step for step, top1 in self.curve(inference) if top1 >= threshold), None)
+
     @property
     def variant(self) -> str:
         """The normalizer as the study names it: ``bn``, ``gn``, ``bkn-analytic``, with BKN's

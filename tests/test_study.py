@@ -25,6 +25,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import study  # noqa: E402  (scripts/ is not a package)
 import study_report  # noqa: E402
+from bkn.engine.checkpoint import checkpoint_path  # noqa: E402
+from run_records import load_local  # noqa: E402
+from study_results import figures, intervals, normalizers, variance_gap  # noqa: E402
+from study_results.claims import write_claims  # noqa: E402
+from study_results.records import load_runs, save_records  # noqa: E402
 
 
 def overrides_of(spec: study.RunSpec) -> dict[str, str]:
@@ -415,10 +420,10 @@ def test_fashion_report_writes_its_tables_with_confidence_intervals(tmp_path: Pa
 @pytest.mark.parametrize("bkn_ahead", [True, False])
 def test_fashion_claims_verdicts_follow_the_numbers(tmp_path: Path, bkn_ahead: bool) -> None:
     write_fashion_grid(tmp_path / "runs", bkn_ahead)
-    runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
+    runs = load_local(tmp_path / "runs", ["study_fashion"])
     gaps = {run.name: (0.1, 0.05) if run.variant.startswith("bkn") == bkn_ahead else (0.3, 0.15) for run in runs
             if run.variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")}
-    study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
+    write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
     claims = sections((tmp_path / "study_fashion_claims.md").read_text())
 
     overall, row = ("holds", "better") if bkn_ahead else ("not shown", "worse")
@@ -444,33 +449,33 @@ def test_fashion_claims_verdicts_follow_the_numbers(tmp_path: Path, bkn_ahead: b
 
 def test_the_final_top1_figure_zooms_on_the_close_cells_and_leaves_a_collapse_below() -> None:
     collapsed, best, close = [22.0, 21.0], [91.0, 91.4, 91.2], [88.0, 88.6]
-    low, high = study_report.zoomed_range([collapsed, best, close])
+    low, high = figures.zoomed_range([collapsed, best, close])
     two_seed_interval = 88.3 + 12.706 * statistics.stdev(close) / 2 ** 0.5  # t(0.975, 1 dof) = 12.706
     assert low == pytest.approx(88.3 - (two_seed_interval - 88.3) - 0.5, abs=0.01)  # the close cell's interval
     assert high == pytest.approx(two_seed_interval + 0.5, abs=0.01)  # above the best seed (91.4): the interval
     assert low > max(collapsed)  # BN's collapse is drawn at the bottom edge, not on the axis
-    low, high = study_report.zoomed_range([[99.8, 99.9, 99.7], [99.0, 99.5, 99.2]])
+    low, high = figures.zoomed_range([[99.8, 99.9, 99.7], [99.0, 99.5, 99.2]])
     assert high == 100.0  # never above 100, though the interval's bound is
-    wide = study_report.zoomed_range([[91.0, 91.2, 91.4], [70.0, 95.0]])  # mean 82.5: in, its interval clipped
-    assert wide[0] == pytest.approx(91.2 - study_report.ZOOM_POINTS - 0.5)
+    wide = figures.zoomed_range([[91.0, 91.2, 91.4], [70.0, 95.0]])  # mean 82.5: in, its interval clipped
+    assert wide[0] == pytest.approx(91.2 - figures.ZOOM_POINTS - 0.5)
 
 
 def test_overlapping_intervals_are_level_however_far_apart_the_means() -> None:
     ours = [90.0, 91.0, 92.0]  # mean 91, 95% interval 91 ± 4.30 / sqrt(3) = [88.52, 93.48]
-    assert study_report.verdict(ours, [86.0, 87.0, 88.0]) == "level"  # [84.52, 89.48]: 4 points, inside the spread
-    assert study_report.verdict(ours, [84.0, 85.0, 86.0]) == "better"  # [82.52, 87.48]
-    assert study_report.verdict([84.0, 85.0, 86.0], ours) == "worse"
-    assert study_report.verdict(ours, [84.0, 85.0, 86.0], higher_is_better=False) == "worse"
-    assert study_report.verdict([91.0], [50.0, 51.0]) == "undecided"  # one seed: no interval
+    assert intervals.verdict(ours, [86.0, 87.0, 88.0]) == "level"  # [84.52, 89.48]: 4 points, inside the spread
+    assert intervals.verdict(ours, [84.0, 85.0, 86.0]) == "better"  # [82.52, 87.48]
+    assert intervals.verdict([84.0, 85.0, 86.0], ours) == "worse"
+    assert intervals.verdict(ours, [84.0, 85.0, 86.0], higher_is_better=False) == "worse"
+    assert intervals.verdict([91.0], [50.0, 51.0]) == "undecided"  # one seed: no interval
 
 
 def test_steps_verdict_compares_like_with_like() -> None:
     never = [None, None, None]
-    assert study_report.speed_verdict([300, 300, 300], [600, 600, 600]) == "better"
-    assert study_report.speed_verdict([300, 300, 300], never) == "better"
-    assert study_report.speed_verdict(never, [600, 600, 600]) == "worse"
-    assert study_report.speed_verdict([300, None, 300], never) == "undecided"  # a seed of ours never got there
-    assert study_report.speed_verdict([300], [None]) == "undecided"
+    assert intervals.speed_verdict([300, 300, 300], [600, 600, 600]) == "better"
+    assert intervals.speed_verdict([300, 300, 300], never) == "better"
+    assert intervals.speed_verdict(never, [600, 600, 600]) == "worse"
+    assert intervals.speed_verdict([300, None, 300], never) == "undecided"  # a seed of ours never got there
+    assert intervals.speed_verdict([300], [None]) == "undecided"
 
 
 def test_fashion_claims_without_a_baseline_say_what_is_missing(tmp_path: Path) -> None:
@@ -490,8 +495,8 @@ def test_where_gn_wins_says_when_nothing_is_decided_yet(tmp_path: Path) -> None:
     for variant, top1 in (("gn", 85.0), ("bn", 60.0)):
         write_study_run(tmp_path / "runs", "study_fashion", (16, 1), FASHION_NORMALIZERS[variant], 0, top1=top1,
                         batch_top1=top1, losses=[1.0] * 20, curve=[(100, top1)])
-    runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
-    study_report.write_claims("study_fashion", runs, None, {}, tmp_path)
+    runs = load_local(tmp_path / "runs", ["study_fashion"])
+    write_claims("study_fashion", runs, None, {}, tmp_path)
     where = sections((tmp_path / "study_fashion_claims.md").read_text())["Where"]
     assert "no comparison is decided yet" in where and "better than none" not in where
 
@@ -500,17 +505,17 @@ def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(
     """The measured gaps (here faked: no trained network) of every seed go to the grid's own files and
     to claim (c), with an interval over the seeds; a seed without a measurement is left out and counted."""
     write_fashion_grid(tmp_path / "runs", bkn_ahead=True)
-    runs = study_report.load_local(tmp_path / "runs", ["study_fashion"])
+    runs = load_local(tmp_path / "runs", ["study_fashion"])
 
     def measure(run, layer, batches, device) -> SimpleNamespace:
         gap = (0.1 if run.variant.startswith("bkn") else 0.3) + 0.01 * run.summary["seed"]
         return SimpleNamespace(run=run, layer="blocks.2.conv1.norm", normalizing=torch.full((4, batches), gap),
                                sample=torch.full((4, batches), gap), moving=torch.full((4,), 2.0))
 
-    monkeypatch.setattr(study_report, "measure", measure)
-    monkeypatch.setattr(study_report, "plot", lambda gaps, title, path: path.write_text(
+    monkeypatch.setattr(variance_gap, "measure", measure)
+    monkeypatch.setattr(variance_gap, "plot", lambda gaps, title, path: path.write_text(
         " ".join(f"{variant}:{gap.run.summary['seed']}" for variant, gap in gaps.items())))
-    gaps = study_report.write_variance_gap("study_fashion", runs, tmp_path)
+    gaps = variance_gap.write_variance_gap("study_fashion", runs, tmp_path)
     expected = {run.name: (0.1 if run.variant.startswith("bkn") else 0.3) + 0.01 * run.summary["seed"]
                 for run in runs if run.variant in ("bn", "bkn-linear", "bkn-monte_carlo-state_input")}
     assert gaps == {name: (pytest.approx(gap), pytest.approx(gap / 2)) for name, gap in expected.items()}
@@ -521,7 +526,7 @@ def test_fashion_fig8_analogue_compares_the_default_and_the_authors_bkn_with_bn(
     assert row[2:6] == ["`blocks.2.conv1.norm`", "0, 1, 2", "0.1, 0.11, 0.12", f"0.11 [{0.11 - half:.4g}, {0.11 + half:.4g}]"]
 
     del gaps[next(name for name in gaps if name.startswith("g16_s1_bn_"))]  # a BN seed not measured
-    study_report.write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
+    write_claims("study_fashion", runs, 91.0, gaps, tmp_path)
     fig8 = sections((tmp_path / "study_fashion_claims.md").read_text())["(c)"].split("The Fig. 8 analogue")[-1]
     assert table_row(fig8, "| (8, 2) | BKN (monte_carlo, state_input) | BN |")[3:6] == [
         f"0.110 [{0.11 - half:.3f}, {0.11 + half:.3f}]", f"0.310 [{0.31 - half:.3f}, {0.31 + half:.3f}]", "**better**"]
@@ -548,27 +553,75 @@ def test_a_runs_fig8_gaps_are_measured_once_and_kept_with_its_record(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     runs, records = tmp_path / "runs", tmp_path / "records"
     write_study_run(runs, "study_fashion", (16, 1), {"name": "bn"}, 0, top1=90.0, losses=[1.0] * 20, curve=[(1, 90.0)])
-    (run,) = study_report.load_runs(runs, records, "study_fashion")
-    assert not study_report.has_gaps(run, measure_checkpoints=True)  # no checkpoint, nothing saved
-    checkpoint = study_report.checkpoint_path(run.directory)
+    (run,) = load_runs(runs, records, "study_fashion")
+    assert not variance_gap.has_gaps(run, measure_checkpoints=True)  # no checkpoint, nothing saved
+    checkpoint = checkpoint_path(run.directory)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_bytes(b"")
-    assert study_report.has_gaps(run, measure_checkpoints=True) and not study_report.has_gaps(run, False)
+    assert variance_gap.has_gaps(run, measure_checkpoints=True) and not variance_gap.has_gaps(run, False)
     measured = []
 
     def measure(run, layer, batches, device):
         measured.append(run.name)
-        return study_report.Gaps(run, "stage3.0.norm2", torch.rand(4, 3), torch.rand(4, 3), torch.rand(4))
+        return variance_gap.Gaps(run, "stage3.0.norm2", torch.rand(4, 3), torch.rand(4, 3), torch.rand(4))
 
-    monkeypatch.setattr(study_report, "measure", measure)
-    first, again = study_report.run_gaps(run), study_report.run_gaps(run)
+    monkeypatch.setattr(variance_gap, "measure", measure)
+    first, again = variance_gap.run_gaps(run), variance_gap.run_gaps(run)
     assert measured == [run.name]  # the second time from variance_gap.json
     assert again.layer == first.layer
     for key in ("normalizing", "sample", "moving"):
         torch.testing.assert_close(getattr(again, key), getattr(first, key))
-    study_report.save_records([run], records)
-    (saved,) = study_report.load_runs(tmp_path / "no_runs", records, "study_fashion")
-    assert study_report.has_gaps(saved, measure_checkpoints=False)  # a new machine: the record has them
+    save_records([run], records)
+    (saved,) = load_runs(tmp_path / "no_runs", records, "study_fashion")
+    assert variance_gap.has_gaps(saved, measure_checkpoints=False)  # a new machine: the record has them
+
+
+def test_a_cells_seeds_come_in_the_same_order_from_the_runs_dir_and_from_the_records(tmp_path: Path) -> None:
+    """A report written while some seeds still lie in the runs dir lists them as one from the records alone."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    for seed in range(3):
+        write_study_run(runs, "study_fashion", (16, 1), {"name": "bn"}, seed, top1=90.0, losses=[1.0] * 20,
+                        curve=[(1, 90.0)])
+    save_records(load_runs(runs, records, "study_fashion"), records)
+    for seed in (0, 1):  # seeds 0 and 1 only committed, seed 2 still in the runs dir
+        shutil.rmtree(runs / "study_fashion" / f"g16_s1_bn_seed{seed}")
+    mixed = [run.summary["seed"] for run in load_runs(runs, records, "study_fashion")]
+    alone = [run.summary["seed"] for run in load_runs(tmp_path / "no_runs", records, "study_fashion")]
+    assert mixed == alone == [0, 1, 2]
+
+
+def test_a_new_normalizer_is_one_entry_of_the_list_every_table_reads(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A per-example normalizer added to NORMALIZERS after GN: its own rows in that place, option A
+    shown as B, and named where the table says which normalizers' options are one."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    added = normalizers.Normalizer("pen", "PEN", per_example=True)
+    monkeypatch.setattr(normalizers, "NORMALIZERS", (*normalizers.NORMALIZERS[:3], added, *normalizers.NORMALIZERS[3:]))
+    for variant in ({"name": "bkn", "transition": "linear"}, {"name": "pen"}, {"name": "bn"}):
+        write_study_run(runs, "study_quick", (32, 2), variant, 0, top1=80.0, batch_top1=20.0, losses=[1.0] * 20,
+                        curve=[(1, 80.0)])
+    report(runs, out)
+    text = (out / "study_quick.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| (32, 2)")]
+    assert [row.split("|")[2].strip() for row in rows] == ["BN", "PEN", "BKN (linear)"]
+    assert [cell.strip() for cell in rows[1].split("|")[4:8:2]] == ["80.0", "= B"]  # B, then A: "= B"
+    assert rows[0].split("|")[6].strip() == "20.0"  # BN's own option A
+    assert "GN and PEN have per-example statistics, so their A is their B" in text
+
+
+def test_a_run_of_a_normalizer_the_report_does_not_know_gets_one_line_naming_the_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_study_run(runs, "study", (64, 64), {"name": "bn"}, 0, top1=98.0, losses=[1.0] * 20, curve=[(1, 98.0)])
+    write_study_run(runs, "study_quick", (32, 2), {"name": "no_such_norm"}, 0, top1=80.0, losses=[1.0] * 20,
+                    curve=[(1, 80.0)])
+    with pytest.raises(SystemExit) as stopped:
+        report(runs, out)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the study's report does not know the normalizer 'no_such_norm' (run variant 'no_such_norm'): "
+        "add it to NORMALIZERS in scripts/study_results/normalizers.py"]
+    assert not any(out.iterdir())  # stopped before writing anything
 
 
 def committed_numbers(paths: list[Path]) -> list[float]:
