@@ -6,9 +6,11 @@ of the model's input shape) of every variant in turn, starting one variant later
 a drift of the shared machine hits all variants alike. The report gives the median examples/s and
 its min/max over repeats (on CPU also examples per CPU-second of this process, which other
 processes on the machine disturb far less), the median step time, the ratio to the setting's
-baseline (our BN with one group; torch.nn.BatchNorm2d in the micro-batch presets), the targets with
-pass/fail, and the input pipeline's examples/s; it is written to ``results/benchmark/<preset>.md``
-and ``.csv`` (or to ``--output``).
+baseline (our BN with one group; torch.nn.BatchNorm2d in the micro-batch presets), the ATen
+operator calls of one step (:func:`count_aten_calls`; on a GPU each is at least one kernel launch,
+which bounds a micro-batch step) and their ratio to the baseline's, the targets with pass/fail, and
+the input pipeline's examples/s; it is written to ``results/benchmark/<preset>.md`` and ``.csv``
+(or to ``--output``).
 
 Peak memory of one training step is the variant's resident tensors (parameters, buffers, optimizer
 state, the batch) plus the most that the step allocates on top of them:
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -162,8 +165,8 @@ def micro_settings(compile_mode: str) -> tuple[Setting, ...]:
 
 
 PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
-    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU. A step takes 10-15 s there, so
-    # 5 steps per variant (warm-up, memory, 3 timed) keep the run under 10 minutes on an idle machine.
+    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU. A step takes 7-15 s there, so each
+    # variant runs 7 steps: warm-up, the two whose ATen calls are counted, memory, 3 timed.
     "cpu": ((Setting("cifar_net", 32, 10, 128, 2, ("torch_bn", *(v for v in VARIANTS if v not in ("torch_bn", "gn")))),),
             Options("cpu", warmup=1, steps=1, repeats=3, loaders=("cifar10", "imagenet"))),
     # InceptionV2 at (256, 32), 32 per device (8 GPUs), and with statistics groups of 4.
@@ -211,6 +214,7 @@ class Candidate:
     examples_per_s: list[float] = field(default_factory=list)  # by the wall clock, one per repeat
     examples_per_cpu_s: list[float] = field(default_factory=list)  # per CPU-second of this process (all threads)
     peak_memory_bytes: int = 0
+    aten_calls: int = 0  # ATen calls of one eager training step (count_aten_calls)
 
 
 def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
@@ -274,6 +278,41 @@ class LiveTensorMemory(TorchDispatchMode):
         return out
 
 
+class AtenCalls(TorchDispatchMode):
+    """Counts, by operator (``aten.mul``), every ATen call that reaches the dispatcher while active:
+    below autograd, so the backward's and the optimizer's calls too, each view and in-place op one
+    call, and a composite op counted as the calls it decomposes into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_calls(step: Callable[[], None], warmup: int = 2, steps: int = 2) -> Counter[str]:
+    """The ATen calls (:class:`AtenCalls`) of one call of ``step``, after ``warmup`` uncounted calls
+    (lazy state: the optimizer's momentum buffers; and any warm-up a step count drives, although
+    BKN's gain and BRN's limits are tensor expressions of the step that cost the same calls
+    throughout). ``steps`` calls are counted one by one and must make the same calls: a count that
+    still changes raises, naming the counts, instead of reporting one of them."""
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"count_aten_calls: warmup must be >= 0 and steps >= 1, got {warmup} and {steps}")
+    for _ in range(warmup):
+        step()
+    counts = []
+    for _ in range(steps):
+        with AtenCalls() as counter:
+            step()
+        counts.append(counter.calls)
+    if any(count != counts[0] for count in counts[1:]):
+        raise ValueError(f"ATen calls differ from step to step after {warmup} warm-up step(s) "
+                         f"({', '.join(str(sum(count.values())) for count in counts)}): count after a longer warm-up")
+    return counts[0]
+
+
 def measure_peak_memory(step: Callable[[], None], resident: dict[int, int], device: torch.device) -> int:
     """Peak bytes of one call of ``step``: ``resident`` (address -> bytes) plus what the step adds."""
     if device.type == "cuda":
@@ -312,13 +351,17 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
         step = make_train_step(compiled, optimizer, inputs, targets, options.amp)
     for _ in range(options.warmup):
         step()
+    # Counted on the eager step also where the timed one is compiled: a compiled graph's fused kernels
+    # are not dispatcher calls. One uncounted step first if none ran (the optimizer's momentum buffers).
+    aten_calls = sum(count_aten_calls(eager_step, warmup=0 if options.warmup else 1, steps=2).values())
     synchronize(device)
     optimizer.zero_grad(set_to_none=True)  # gradients are created inside the measured step
     optimizer_state = [value for state in optimizer.state.values() for value in state.values()
                        if isinstance(value, Tensor)]
     resident = storage_bytes([*model.parameters(), *model.buffers(), *optimizer_state, inputs, targets])
     memory_step = step if device.type == "cuda" else eager_step
-    return Candidate(setting, variant, step, peak_memory_bytes=measure_peak_memory(memory_step, resident, device))
+    return Candidate(setting, variant, step, peak_memory_bytes=measure_peak_memory(memory_step, resident, device),
+                     aten_calls=aten_calls)
 
 
 def time_round_robin(candidates: list[Candidate], options: Options) -> None:
@@ -450,6 +493,8 @@ def rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
             if baseline else "",
             "peak_memory_mib": round(c.peak_memory_bytes / 2**20, 2),
             "memory_vs_baseline": round(c.peak_memory_bytes / baseline.peak_memory_bytes, 4) if baseline else "",
+            "aten_calls": c.aten_calls,
+            "aten_calls_vs_baseline": round(c.aten_calls / baseline.aten_calls, 4) if baseline else "",
         })
     return records
 
@@ -542,6 +587,11 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
         "examples/s median (min-max over repeats); `step ms` is the median step time by the wall clock; "
         "`spread` is (max - min) / median of the repeats' examples/s.",
         f"- Peak memory: {memory_note}.",
+        "- `ATen calls`: the ATen operator calls that reach the dispatcher in one eager training step as timed "
+        "(bkn.nn.set_step, forward, backward, SGD step; views and in-place ops included), counted with a "
+        "TorchDispatchMode after the warm-up, the same in two consecutive steps; in a compiled setting, the "
+        "count of the same model's eager step (the compiled graph runs fused kernels instead). On a GPU each "
+        "call is at least one kernel launch.",
         "- `vs <baseline>`: examples/s (or memory) relative to the setting's baseline variant in the same run: "
         "our BatchNorm2d with one statistics group (`bn`) or torch.nn.BatchNorm2d (`torch_bn`). "
         "A step-time target's ratio is the inverse of the examples/s ratio.",
@@ -560,12 +610,13 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
     for setting in settings:
         versus = f"vs {setting.baseline}"
         header = ["variant", "normalizer", "step ms", "examples/s", "min-max", "spread", versus,
-                  *(["per CPU-s", versus] if on_cpu else []), "peak MiB", versus]
+                  *(["per CPU-s", versus] if on_cpu else []), "peak MiB", versus, "ATen calls", versus]
         body = [[r["variant"], r["normalizer"], f"{r['step_ms_median']:.1f}", f"{r['examples_per_s_median']:.1f}",
                  f"{r['examples_per_s_min']:.1f}-{r['examples_per_s_max']:.1f}", f"{100 * r['spread']:.0f}%",
                  ratio_text(r["speed_vs_baseline"]),
                  *([f"{r['examples_per_cpu_s_median']:.2f}", ratio_text(r["cpu_speed_vs_baseline"])] if on_cpu else []),
-                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_baseline"])]
+                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_baseline"]),
+                 f"{r['aten_calls']:,}", ratio_text(r["aten_calls_vs_baseline"])]
                 for r, c in zip(records, candidates) if c.setting == setting]
         lines += [f"## {setting.label}", "", *markdown_table(header, body), ""]
 
