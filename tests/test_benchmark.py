@@ -362,6 +362,11 @@ def test_profile_names_where_our_bn_differs_from_torchs(tmp_path: Path) -> None:
     text, rows = profile_report(tmp_path)
     assert rows["torch_bn"][4] == "1.00" and rows["torch_bn"][6].rstrip(" |") == "1.00"
     assert float(rows["bn_groups"][3]) > 0 and float(rows["bn_groups"][5]) > 0
+    # The dispatcher's count: the top-level calls only, which the profiler also records among their inner ones.
+    aten_calls = {variant: int(row[7].replace(",", "")) for variant, row in rows.items()}
+    assert all(0 < aten_calls[variant] <= float(rows[variant][2]) for variant in rows)
+    assert rows["torch_bn"][8].rstrip(" |") == "1.00"
+    assert float(rows["bn_groups"][8].rstrip(" |")) == pytest.approx(aten_calls["bn_groups"] / aten_calls["torch_bn"], abs=5e-3)
     differences = text.split("## bn_groups:")[1]
     # torch's BN runs its fused training kernel; ours the statistics kernel and the normalization apart.
     assert "`aten::native_batch_norm`" in differences and "`aten::batch_norm_gather_stats" not in differences
