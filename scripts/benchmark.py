@@ -57,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import bkn.nn
+from bkn.config import compile_modes
 from bkn.data import build_datasets, build_loader, measure_loader_throughput
 from bkn.functional import num_groups
 from bkn.models import PAPER_INPUT, build_model
@@ -146,9 +147,10 @@ def targets_for(device_type: str) -> list[Target]:
     return targets
 
 
-def micro_settings(compile_mode: str) -> tuple[Setting, ...]:
+def micro_settings(compile_modes: tuple[str, ...], compiled_variants: tuple[str, ...] | None = None) -> tuple[Setting, ...]:
     """The paper's micro-batch regime on its CIFAR network, against torch.nn.BatchNorm2d (issue 19):
-    (8, 2) and (16, 1) at 32x32, (8, 2) at 8x8 (the digits study), and (8, 2) compiled.
+    (8, 2) and (16, 1) at 32x32, (8, 2) at 8x8 (the digits study), and (8, 2) compiled in each of
+    torch.compile's ``compile_modes``, with ``compiled_variants`` (None: every variant).
     The bounds are step-time ratios to torch.nn.BatchNorm2d in the same setting."""
     variants = ("torch_bn", "gn", "bn", "bn_groups", "brn", *BKN_VARIANTS)
 
@@ -160,8 +162,8 @@ def micro_settings(compile_mode: str) -> tuple[Setting, ...]:
                   targets=bounds(bn_groups=1.05, brn=1.08, bkn_linear=1.10, bkn_analytic=1.15, bkn_monte_carlo=1.35)),
             micro(image_size=32, batch=16, statistics=1, targets=()),
             micro(image_size=8, batch=8, statistics=2, targets=bounds(bn_groups=1.15, bkn_linear=1.30)),
-            micro(image_size=32, batch=8, statistics=2, compile_mode=compile_mode,
-                  targets=bounds(bn_groups=1.05, bkn_linear=1.10)))
+            *(micro(image_size=32, batch=8, statistics=2, compile_mode=mode, variants=compiled_variants or variants,
+                    targets=bounds(bn_groups=1.05, bkn_linear=1.10)) for mode in compile_modes))
 
 
 PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
@@ -175,9 +177,13 @@ PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
             Options("cuda", warmup=10, steps=20, repeats=7, amp=True, channels_last=True,
                     loaders=("imagenet",), loader_workers=8)),
     # Micro-batches, one thread (as the issue measured): 20 steps of 20-80 ms per variant and repeat.
-    "micro": (micro_settings("default"), Options("cpu", warmup=3, steps=20, repeats=7, threads=1)),
-    # The same on one GPU, compiled with CUDA graphs: there a micro-batch step is bound by kernel launches.
-    "micro_gpu": (micro_settings("reduce-overhead"), Options("cuda", warmup=10, steps=50, repeats=7)),
+    "micro": (micro_settings(("default",)), Options("cpu", warmup=3, steps=20, repeats=7, threads=1)),
+    # The same on one GPU, where a micro-batch step is bound by kernel launches: eager (a launch per
+    # ATen call), compiled (a launch per fused kernel) and in CUDA graphs (reduce-overhead: a launch
+    # per graph). Compiled, only the variants with targets and their reference, so that the
+    # compilations fit make gpu-check's time.
+    "micro_gpu": (micro_settings(("default", "reduce-overhead"), ("torch_bn", "bn_groups", "bkn_linear")),
+                  Options("cuda", warmup=10, steps=50, repeats=7)),
 }
 
 
@@ -215,6 +221,7 @@ class Candidate:
     examples_per_cpu_s: list[float] = field(default_factory=list)  # per CPU-second of this process (all threads)
     peak_memory_bytes: int = 0
     aten_calls: int = 0  # ATen calls of one eager training step (count_aten_calls)
+    cuda_graph_skips: int | None = None  # graphs compiled without CUDA graphs in a mode that has them; None: no such mode
 
 
 def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
@@ -343,6 +350,9 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     eager_step = make_train_step(model, optimizer, inputs, targets, options.amp)
     step = eager_step
+    # Inductor falls back to plain kernels, with a warning, where it cannot capture a CUDA graph
+    # (a CPU tensor, a mutated input): counted, so that the report says whether the mode did its work.
+    skipped_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     if setting.compile_mode is not None:  # static shapes, as train.py compiles
         # Every variant compiles the same forward code anew; past dynamo's default limit of 8 entries
         # a code object, the variants built last would silently run eager.
@@ -360,8 +370,11 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
                        if isinstance(value, Tensor)]
     resident = storage_bytes([*model.parameters(), *model.buffers(), *optimizer_state, inputs, targets])
     memory_step = step if device.type == "cuda" else eager_step
-    return Candidate(setting, variant, step, peak_memory_bytes=measure_peak_memory(memory_step, resident, device),
-                     aten_calls=aten_calls)
+    peak_memory_bytes = measure_peak_memory(memory_step, resident, device)  # compiles here if warm-up did not
+    cuda_graph_skips = (torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skipped_before
+                        if setting.compile_mode is not None and compile_modes()[setting.compile_mode] else None)
+    return Candidate(setting, variant, step, peak_memory_bytes=peak_memory_bytes, aten_calls=aten_calls,
+                     cuda_graph_skips=cuda_graph_skips)
 
 
 def time_round_robin(candidates: list[Candidate], options: Options) -> None:
@@ -495,6 +508,7 @@ def rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
             "memory_vs_baseline": round(c.peak_memory_bytes / baseline.peak_memory_bytes, 4) if baseline else "",
             "aten_calls": c.aten_calls,
             "aten_calls_vs_baseline": round(c.aten_calls / baseline.aten_calls, 4) if baseline else "",
+            "cuda_graph_skips": "" if c.cuda_graph_skips is None else c.cuda_graph_skips,
         })
     return records
 
@@ -619,6 +633,12 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
                  f"{r['aten_calls']:,}", ratio_text(r["aten_calls_vs_baseline"])]
                 for r, c in zip(records, candidates) if c.setting == setting]
         lines += [f"## {setting.label}", "", *markdown_table(header, body), ""]
+        skipped = {c.variant: c.cuda_graph_skips for c in candidates
+                   if c.setting == setting and c.cuda_graph_skips is not None}
+        if skipped:
+            missed = [f"{variant} ({count} graph(s) skipped)" for variant, count in skipped.items() if count]
+            lines += ["CUDA graphs: **not captured** for " + ", ".join(missed) + "; inductor warned why as it compiled them"
+                      if missed else "CUDA graphs: captured for every variant (inductor skipped none of their graphs)", ""]
 
     checks = check_targets(candidates, settings, device.type)
     lines += ["## Targets", ""]
@@ -703,6 +723,10 @@ def resolve(args: argparse.Namespace) -> tuple[list[Setting], Options]:
         num_groups(setting.batch, setting.statistics)  # raises naming the fix if statistics does not divide batch
     if options.device not in ("cpu", "cuda"):
         raise ValueError(f"--device {options.device}: use cpu or cuda")
+    cuda_graphs = [s.compile_mode for s in settings if s.compile_mode is not None and compile_modes()[s.compile_mode]]
+    if cuda_graphs and options.device != "cuda":
+        raise ValueError(f"torch.compile mode {cuda_graphs[0]} runs the step in CUDA graphs, which needs --device cuda; "
+                         "on a CPU pass --compile (the default mode) or --no-compile")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu (or --preset cpu)")
     if min(options.warmup + 1, options.steps, options.repeats, options.loader_batches) < 1:

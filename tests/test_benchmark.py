@@ -112,7 +112,7 @@ def test_micro_preset_reports_step_time_ratios_to_torch_batchnorm(tmp_path: Path
     records, markdown = read_report(stem)
     settings = {(r["image_size"], r["batch"], r["statistics"]) for r in records}
     assert settings == {("32", "8", "2"), ("32", "16", "1"), ("8", "8", "2")}
-    assert len(records) == 3 * len(benchmark.micro_settings("default"))
+    assert len(records) == 3 * len(benchmark.micro_settings(("default",)))
     for record in records:
         assert record["baseline"] == "torch_bn" and record["compile_mode"] == ""
         speed = float(record["examples_per_s_median"])
@@ -288,6 +288,8 @@ def test_peak_memory_covers_resident_tensors_and_saved_activations() -> None:
     (["--model", "cifar_net", "--batch", "6", "--statistics", "4"], "does not divide"),
     (["--model", "cifar_net", "--norms", "bn,layernorm"], "unknown variant 'layernorm'"),
     (["--model", "cifar_net", "--steps", "0"], "must be >= 1"),
+    (["--preset", "micro_gpu", "--device", "cpu"], "mode reduce-overhead runs the step in CUDA graphs, which needs "
+                                                   "--device cuda; on a CPU pass --compile"),
 ])
 def test_bad_arguments_exit_with_one_line(arguments: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
@@ -307,6 +309,36 @@ def test_compiled_models_run_end_to_end(tmp_path: Path) -> None:
     records, _ = read_report(stem)
     assert [r["variant"] for r in records] == ["bkn_analytic"] and records[0]["compile_mode"] == "default"
     assert float(records[0]["examples_per_s_median"]) > 0 and float(records[0]["peak_memory_mib"]) > 0
+
+
+def test_micro_gpu_report_times_eager_compiled_and_cuda_graph_steps_and_says_where_graphs_were_skipped(
+        tmp_path: Path) -> None:
+    """The GPU preset's report, written from made-up measurements (no GPU here): a setting per
+    compile mode, and a line naming the variants whose graphs inductor did not capture."""
+    settings, _ = benchmark.PRESETS["micro_gpu"]
+    assert {setting.compile_mode for setting in settings} == {None, "default", "reduce-overhead"}
+    candidates = [benchmark.Candidate(setting, variant, lambda: None, [100.0], [50.0], 2**20, 500,
+                                      (2 if variant == "bkn_linear" else 0) if setting.compile_mode == "reduce-overhead"
+                                      else None)
+                  for setting in settings for variant in setting.variants]
+    benchmark.write_report(tmp_path / "micro_gpu", list(settings), candidates, [], benchmark.Options("cpu", 1, 1, 1),
+                           "python scripts/benchmark.py --preset micro_gpu", 0.0, 60.0)
+    records, markdown = read_report(tmp_path / "micro_gpu")
+    assert "## preact_resnet32 32x32, batch 8, statistics 2, torch.compile (mode=reduce-overhead)" in markdown
+    assert markdown.count("CUDA graphs: ") == 1  # under the one setting with CUDA graphs
+    assert "CUDA graphs: **not captured** for bkn_linear (2 graph(s) skipped)" in markdown
+    assert {r["cuda_graph_skips"] for r in records if r["compile_mode"] != "reduce-overhead"} == {""}
+    assert sorted(r["cuda_graph_skips"] for r in records if r["compile_mode"] == "reduce-overhead") == ["0", "0", "2"]
+
+
+@pytest.mark.slow
+def test_a_cuda_graph_mode_on_cpu_counts_the_graphs_inductor_skipped() -> None:
+    """The count behind the report's CUDA-graph line, on the one path a CPU has: inductor skips every
+    CUDA graph of a CPU model."""
+    torch._dynamo.reset()
+    setting = benchmark.Setting("cifar_net", 4, 10, 4, 2, ("torch_bn",), compile_mode="reduce-overhead")
+    candidate = benchmark.build_candidate(setting, "torch_bn", benchmark.Options("cpu", warmup=1, steps=1, repeats=1))
+    assert candidate.cuda_graph_skips and candidate.cuda_graph_skips > 0
 
 
 def test_a_training_step_tells_the_layers_the_optimizer_step_as_train_py_does() -> None:
