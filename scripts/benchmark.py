@@ -147,7 +147,8 @@ def targets_for(device_type: str) -> list[Target]:
     return targets
 
 
-def micro_settings(compile_modes: tuple[str, ...], compiled_variants: tuple[str, ...] | None = None) -> tuple[Setting, ...]:
+def micro_settings(compile_modes: tuple[str, ...],
+                   compiled_variants: tuple[str, ...] | None = None) -> tuple[Setting, ...]:
     """The paper's micro-batch regime on its CIFAR network, against torch.nn.BatchNorm2d (issue 19):
     (8, 2) and (16, 1) at 32x32, (8, 2) at 8x8 (the digits study), and (8, 2) compiled in each of
     torch.compile's ``compile_modes``, with ``compiled_variants`` (None: every variant).
@@ -221,7 +222,8 @@ class Candidate:
     examples_per_cpu_s: list[float] = field(default_factory=list)  # per CPU-second of this process (all threads)
     peak_memory_bytes: int = 0
     aten_calls: int = 0  # ATen calls of one eager training step (count_aten_calls)
-    cuda_graph_skips: int | None = None  # graphs compiled without CUDA graphs in a mode that has them; None: no such mode
+    # Graphs compiled without CUDA graphs in a mode that has them; None: not such a mode.
+    cuda_graph_skips: int | None = None
 
 
 def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
@@ -637,8 +639,9 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
                    if c.setting == setting and c.cuda_graph_skips is not None}
         if skipped:
             missed = [f"{variant} ({count} graph(s) skipped)" for variant, count in skipped.items() if count]
-            lines += ["CUDA graphs: **not captured** for " + ", ".join(missed) + "; inductor warned why as it compiled them"
-                      if missed else "CUDA graphs: captured for every variant (inductor skipped none of their graphs)", ""]
+            lines += ["CUDA graphs: **not captured** for " + ", ".join(missed)
+                      + "; inductor warned why as it compiled them" if missed
+                      else "CUDA graphs: captured for every variant (inductor skipped none of their graphs)", ""]
 
     checks = check_targets(candidates, settings, device.type)
     lines += ["## Targets", ""]

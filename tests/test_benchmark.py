@@ -398,7 +398,8 @@ def test_profile_names_where_our_bn_differs_from_torchs(tmp_path: Path) -> None:
     aten_calls = {variant: int(row[7].replace(",", "")) for variant, row in rows.items()}
     assert all(0 < aten_calls[variant] <= float(rows[variant][2]) for variant in rows)
     assert rows["torch_bn"][8].rstrip(" |") == "1.00"
-    assert float(rows["bn_groups"][8].rstrip(" |")) == pytest.approx(aten_calls["bn_groups"] / aten_calls["torch_bn"], abs=5e-3)
+    assert float(rows["bn_groups"][8].rstrip(" |")) == pytest.approx(aten_calls["bn_groups"] / aten_calls["torch_bn"],
+                                                                     abs=5e-3)
     differences = text.split("## bn_groups:")[1]
     # torch's BN runs its fused training kernel; ours the statistics kernel and the normalization apart.
     assert "`aten::native_batch_norm`" in differences and "`aten::batch_norm_gather_stats" not in differences
