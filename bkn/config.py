@@ -223,6 +223,7 @@ class Plan:
     run_dir: Path
     amp: str | None
     channels_last: bool  # as applied: CUDA only
+    compile_mode: str | None = None  # torch.compile's mode; None: eager
     # Known once the training set is loaded (with_train_set):
     train_examples: int | None = None
     steps_per_epoch: int | None = None
@@ -276,6 +277,7 @@ class Plan:
                        + (f", {self.num_classes} classes" if self.num_classes is not None else "")),
             ("length", length),
             ("precision", f"{self.amp or 'fp32'}, channels_last {'on' if self.channels_last else 'off'}"),
+            ("compile", "off (eager)" if self.compile_mode is None else f"torch.compile, mode {self.compile_mode}"),
         ]
         return "plan:\n" + "\n".join(f"  {name:<15} {value}" for name, value in rows)
 
@@ -477,9 +479,34 @@ def _device(cfg: DictConfig, world: World) -> str:
     return device
 
 
+def compile_modes() -> dict[str, bool]:
+    """torch.compile's modes, each with whether it captures the step in CUDA graphs, as this torch
+    defines them (``torch._inductor.list_mode_options``, which torch.compile's documentation names)."""
+    from torch._inductor import list_mode_options  # imported only when compiling: it takes a second
+
+    return {mode: bool(options.get("triton.cudagraphs")) for mode, options in list_mode_options().items()}
+
+
+def _compile_mode(cfg: DictConfig, device: str) -> str | None:
+    """``compile``: false (eager), true (torch.compile's default mode) or one of its modes. A mode that
+    captures CUDA graphs does nothing of the kind on a CPU, so it is refused there."""
+    value = _get(cfg, "compile")
+    if value is False or value is True:
+        return "default" if value else None
+    modes = compile_modes()
+    if not isinstance(value, str) or value not in modes:
+        raise ConfigError(f"compile={value!r}: choose false, true (torch.compile's default mode) or a mode of "
+                          f"torch.compile: {', '.join(modes)}")
+    if modes[value] and device != "cuda":
+        without = [mode for mode, cuda_graphs in modes.items() if not cuda_graphs]
+        raise ConfigError(f"compile={value} captures the training step in CUDA graphs, which needs device=cuda; "
+                          f"on {device} use compile=true or a mode without them: {', '.join(without)}")
+    return value
+
+
 def _run_settings(cfg: DictConfig) -> Path:
     _int(cfg, "seed", minimum=0)
-    for key in ("channels_last", "compile", "dry_run", "logger.wandb.enabled"):
+    for key in ("channels_last", "dry_run", "logger.wandb.enabled"):
         _bool(cfg, key)
     _choice(cfg, "logger.wandb.mode", ["offline", "online", "disabled"])
     _number(cfg, "logger.wandb.init_timeout_s", 0, include_minimum=False)
@@ -506,9 +533,10 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     _data(cfg)
     image_size = _model(cfg, norm)
     device = _device(cfg, world)
+    compile_mode = _compile_mode(cfg, device)
     run_dir = _run_settings(cfg)
     _refuse_unknown_keys(cfg)
     return Plan(world=world, device=device, gradient_batch_size=gradient, statistics_batch_size=statistics,
                 per_device_batch_size=per_device, accumulation=accumulation, eval_batch_size=eval_batch,
                 image_size=image_size, train_steps=steps, train_epochs=epochs, run_dir=run_dir, amp=cfg.amp,
-                channels_last=cfg.channels_last and device == "cuda")
+                channels_last=cfg.channels_last and device == "cuda", compile_mode=compile_mode)

@@ -6,9 +6,11 @@ of the model's input shape) of every variant in turn, starting one variant later
 a drift of the shared machine hits all variants alike. The report gives the median examples/s and
 its min/max over repeats (on CPU also examples per CPU-second of this process, which other
 processes on the machine disturb far less), the median step time, the ratio to the setting's
-baseline (our BN with one group; torch.nn.BatchNorm2d in the micro-batch presets), the targets with
-pass/fail, and the input pipeline's examples/s; it is written to ``results/benchmark/<preset>.md``
-and ``.csv`` (or to ``--output``).
+baseline (our BN with one group; torch.nn.BatchNorm2d in the micro-batch presets), the ATen
+operator calls of one step (:func:`count_aten_calls`; on a GPU each is at least one kernel launch,
+which bounds a micro-batch step) and their ratio to the baseline's, the targets with pass/fail, and
+the input pipeline's examples/s; it is written to ``results/benchmark/<preset>.md`` and ``.csv``
+(or to ``--output``).
 
 Peak memory of one training step is the variant's resident tensors (parameters, buffers, optimizer
 state, the batch) plus the most that the step allocates on top of them:
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -54,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import bkn.nn
+from bkn.config import compile_modes
 from bkn.data import build_datasets, build_loader, measure_loader_throughput
 from bkn.functional import num_groups
 from bkn.models import PAPER_INPUT, build_model
@@ -143,9 +147,11 @@ def targets_for(device_type: str) -> list[Target]:
     return targets
 
 
-def micro_settings(compile_mode: str) -> tuple[Setting, ...]:
+def micro_settings(compile_modes: tuple[str, ...],
+                   compiled_variants: tuple[str, ...] | None = None) -> tuple[Setting, ...]:
     """The paper's micro-batch regime on its CIFAR network, against torch.nn.BatchNorm2d (issue 19):
-    (8, 2) and (16, 1) at 32x32, (8, 2) at 8x8 (the digits study), and (8, 2) compiled.
+    (8, 2) and (16, 1) at 32x32, (8, 2) at 8x8 (the digits study), and (8, 2) compiled in each of
+    torch.compile's ``compile_modes``, with ``compiled_variants`` (None: every variant).
     The bounds are step-time ratios to torch.nn.BatchNorm2d in the same setting."""
     variants = ("torch_bn", "gn", "bn", "bn_groups", "brn", *BKN_VARIANTS)
 
@@ -157,13 +163,13 @@ def micro_settings(compile_mode: str) -> tuple[Setting, ...]:
                   targets=bounds(bn_groups=1.05, brn=1.08, bkn_linear=1.10, bkn_analytic=1.15, bkn_monte_carlo=1.35)),
             micro(image_size=32, batch=16, statistics=1, targets=()),
             micro(image_size=8, batch=8, statistics=2, targets=bounds(bn_groups=1.15, bkn_linear=1.30)),
-            micro(image_size=32, batch=8, statistics=2, compile_mode=compile_mode,
-                  targets=bounds(bn_groups=1.05, bkn_linear=1.10)))
+            *(micro(image_size=32, batch=8, statistics=2, compile_mode=mode, variants=compiled_variants or variants,
+                    targets=bounds(bn_groups=1.05, bkn_linear=1.10)) for mode in compile_modes))
 
 
 PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
-    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU. A step takes 10-15 s there, so
-    # 5 steps per variant (warm-up, memory, 3 timed) keep the run under 10 minutes on an idle machine.
+    # CIFAR net at (gradient 128, statistics 2) on one 2-core CPU. A step takes 7-15 s there, so each
+    # variant runs 7 steps: warm-up, the two whose ATen calls are counted, memory, 3 timed.
     "cpu": ((Setting("cifar_net", 32, 10, 128, 2, ("torch_bn", *(v for v in VARIANTS if v not in ("torch_bn", "gn")))),),
             Options("cpu", warmup=1, steps=1, repeats=3, loaders=("cifar10", "imagenet"))),
     # InceptionV2 at (256, 32), 32 per device (8 GPUs), and with statistics groups of 4.
@@ -172,9 +178,13 @@ PRESETS: dict[str, tuple[tuple[Setting, ...], Options]] = {
             Options("cuda", warmup=10, steps=20, repeats=7, amp=True, channels_last=True,
                     loaders=("imagenet",), loader_workers=8)),
     # Micro-batches, one thread (as the issue measured): 20 steps of 20-80 ms per variant and repeat.
-    "micro": (micro_settings("default"), Options("cpu", warmup=3, steps=20, repeats=7, threads=1)),
-    # The same on one GPU, compiled with CUDA graphs: there a micro-batch step is bound by kernel launches.
-    "micro_gpu": (micro_settings("reduce-overhead"), Options("cuda", warmup=10, steps=50, repeats=7)),
+    "micro": (micro_settings(("default",)), Options("cpu", warmup=3, steps=20, repeats=7, threads=1)),
+    # The same on one GPU, where a micro-batch step is bound by kernel launches: eager (a launch per
+    # ATen call), compiled (a launch per fused kernel) and in CUDA graphs (reduce-overhead: a launch
+    # per graph). Compiled, only the variants with targets and their reference, so that the
+    # compilations fit make gpu-check's time.
+    "micro_gpu": (micro_settings(("default", "reduce-overhead"), ("torch_bn", "bn_groups", "bkn_linear")),
+                  Options("cuda", warmup=10, steps=50, repeats=7)),
 }
 
 
@@ -211,6 +221,9 @@ class Candidate:
     examples_per_s: list[float] = field(default_factory=list)  # by the wall clock, one per repeat
     examples_per_cpu_s: list[float] = field(default_factory=list)  # per CPU-second of this process (all threads)
     peak_memory_bytes: int = 0
+    aten_calls: int = 0  # ATen calls of one eager training step (count_aten_calls)
+    # Graphs compiled without CUDA graphs in a mode that has them; None: not such a mode.
+    cuda_graph_skips: int | None = None
 
 
 def make_train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor,
@@ -274,6 +287,41 @@ class LiveTensorMemory(TorchDispatchMode):
         return out
 
 
+class AtenCalls(TorchDispatchMode):
+    """Counts, by operator (``aten.mul``), every ATen call that reaches the dispatcher while active:
+    below autograd, so the backward's and the optimizer's calls too, each view and in-place op one
+    call, and a composite op counted as the calls it decomposes into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_calls(step: Callable[[], None], warmup: int = 2, steps: int = 2) -> Counter[str]:
+    """The ATen calls (:class:`AtenCalls`) of one call of ``step``, after ``warmup`` uncounted calls
+    (lazy state: the optimizer's momentum buffers; and any warm-up a step count drives, although
+    BKN's gain and BRN's limits are tensor expressions of the step that cost the same calls
+    throughout). ``steps`` calls are counted one by one and must make the same calls: a count that
+    still changes raises, naming the counts, instead of reporting one of them."""
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"count_aten_calls: warmup must be >= 0 and steps >= 1, got {warmup} and {steps}")
+    for _ in range(warmup):
+        step()
+    counts = []
+    for _ in range(steps):
+        with AtenCalls() as counter:
+            step()
+        counts.append(counter.calls)
+    if any(count != counts[0] for count in counts[1:]):
+        raise ValueError(f"ATen calls differ from step to step after {warmup} warm-up step(s) "
+                         f"({', '.join(str(sum(count.values())) for count in counts)}): count after a longer warm-up")
+    return counts[0]
+
+
 def measure_peak_memory(step: Callable[[], None], resident: dict[int, int], device: torch.device) -> int:
     """Peak bytes of one call of ``step``: ``resident`` (address -> bytes) plus what the step adds."""
     if device.type == "cuda":
@@ -304,6 +352,9 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     eager_step = make_train_step(model, optimizer, inputs, targets, options.amp)
     step = eager_step
+    # Inductor falls back to plain kernels, with a warning, where it cannot capture a CUDA graph
+    # (a CPU tensor, a mutated input): counted, so that the report says whether the mode did its work.
+    skipped_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     if setting.compile_mode is not None:  # static shapes, as train.py compiles
         # Every variant compiles the same forward code anew; past dynamo's default limit of 8 entries
         # a code object, the variants built last would silently run eager.
@@ -312,13 +363,20 @@ def build_candidate(setting: Setting, variant: str, options: Options) -> Candida
         step = make_train_step(compiled, optimizer, inputs, targets, options.amp)
     for _ in range(options.warmup):
         step()
+    # Counted on the eager step also where the timed one is compiled: a compiled graph's fused kernels
+    # are not dispatcher calls. One uncounted step first if none ran (the optimizer's momentum buffers).
+    aten_calls = sum(count_aten_calls(eager_step, warmup=0 if options.warmup else 1, steps=2).values())
     synchronize(device)
     optimizer.zero_grad(set_to_none=True)  # gradients are created inside the measured step
     optimizer_state = [value for state in optimizer.state.values() for value in state.values()
                        if isinstance(value, Tensor)]
     resident = storage_bytes([*model.parameters(), *model.buffers(), *optimizer_state, inputs, targets])
     memory_step = step if device.type == "cuda" else eager_step
-    return Candidate(setting, variant, step, peak_memory_bytes=measure_peak_memory(memory_step, resident, device))
+    peak_memory_bytes = measure_peak_memory(memory_step, resident, device)  # compiles here if warm-up did not
+    cuda_graph_skips = (torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skipped_before
+                        if setting.compile_mode is not None and compile_modes()[setting.compile_mode] else None)
+    return Candidate(setting, variant, step, peak_memory_bytes=peak_memory_bytes, aten_calls=aten_calls,
+                     cuda_graph_skips=cuda_graph_skips)
 
 
 def time_round_robin(candidates: list[Candidate], options: Options) -> None:
@@ -450,6 +508,9 @@ def rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
             if baseline else "",
             "peak_memory_mib": round(c.peak_memory_bytes / 2**20, 2),
             "memory_vs_baseline": round(c.peak_memory_bytes / baseline.peak_memory_bytes, 4) if baseline else "",
+            "aten_calls": c.aten_calls,
+            "aten_calls_vs_baseline": round(c.aten_calls / baseline.aten_calls, 4) if baseline else "",
+            "cuda_graph_skips": "" if c.cuda_graph_skips is None else c.cuda_graph_skips,
         })
     return records
 
@@ -542,6 +603,11 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
         "examples/s median (min-max over repeats); `step ms` is the median step time by the wall clock; "
         "`spread` is (max - min) / median of the repeats' examples/s.",
         f"- Peak memory: {memory_note}.",
+        "- `ATen calls`: the ATen operator calls that reach the dispatcher in one eager training step as timed "
+        "(bkn.nn.set_step, forward, backward, SGD step; views and in-place ops included), counted with a "
+        "TorchDispatchMode after the warm-up, the same in two consecutive steps; in a compiled setting, the "
+        "count of the same model's eager step (the compiled graph runs fused kernels instead). On a GPU each "
+        "call is at least one kernel launch.",
         "- `vs <baseline>`: examples/s (or memory) relative to the setting's baseline variant in the same run: "
         "our BatchNorm2d with one statistics group (`bn`) or torch.nn.BatchNorm2d (`torch_bn`). "
         "A step-time target's ratio is the inverse of the examples/s ratio.",
@@ -560,14 +626,22 @@ def write_report(output: Path, settings: list[Setting], candidates: list[Candida
     for setting in settings:
         versus = f"vs {setting.baseline}"
         header = ["variant", "normalizer", "step ms", "examples/s", "min-max", "spread", versus,
-                  *(["per CPU-s", versus] if on_cpu else []), "peak MiB", versus]
+                  *(["per CPU-s", versus] if on_cpu else []), "peak MiB", versus, "ATen calls", versus]
         body = [[r["variant"], r["normalizer"], f"{r['step_ms_median']:.1f}", f"{r['examples_per_s_median']:.1f}",
                  f"{r['examples_per_s_min']:.1f}-{r['examples_per_s_max']:.1f}", f"{100 * r['spread']:.0f}%",
                  ratio_text(r["speed_vs_baseline"]),
                  *([f"{r['examples_per_cpu_s_median']:.2f}", ratio_text(r["cpu_speed_vs_baseline"])] if on_cpu else []),
-                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_baseline"])]
+                 f"{r['peak_memory_mib']:.1f}", ratio_text(r["memory_vs_baseline"]),
+                 f"{r['aten_calls']:,}", ratio_text(r["aten_calls_vs_baseline"])]
                 for r, c in zip(records, candidates) if c.setting == setting]
         lines += [f"## {setting.label}", "", *markdown_table(header, body), ""]
+        skipped = {c.variant: c.cuda_graph_skips for c in candidates
+                   if c.setting == setting and c.cuda_graph_skips is not None}
+        if skipped:
+            missed = [f"{variant} ({count} graph(s) skipped)" for variant, count in skipped.items() if count]
+            lines += ["CUDA graphs: **not captured** for " + ", ".join(missed)
+                      + "; inductor warned why as it compiled them" if missed
+                      else "CUDA graphs: captured for every variant (inductor skipped none of their graphs)", ""]
 
     checks = check_targets(candidates, settings, device.type)
     lines += ["## Targets", ""]
@@ -652,6 +726,10 @@ def resolve(args: argparse.Namespace) -> tuple[list[Setting], Options]:
         num_groups(setting.batch, setting.statistics)  # raises naming the fix if statistics does not divide batch
     if options.device not in ("cpu", "cuda"):
         raise ValueError(f"--device {options.device}: use cpu or cuda")
+    cuda_graphs = [s.compile_mode for s in settings if s.compile_mode is not None and compile_modes()[s.compile_mode]]
+    if cuda_graphs and options.device != "cuda":
+        raise ValueError(f"torch.compile mode {cuda_graphs[0]} runs the step in CUDA graphs, which needs --device cuda; "
+                         "on a CPU pass --compile (the default mode) or --no-compile")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu (or --preset cpu)")
     if min(options.warmup + 1, options.steps, options.repeats, options.loader_batches) < 1:

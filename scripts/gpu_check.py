@@ -2,7 +2,8 @@
 
 1. train.py on synthetic images (each run a subprocess, its record under a temporary folder):
    bf16 autocast with channels_last, fp16 autocast with the gradient scaler (BKN and BRN),
-   torch.compile (static shapes) of BKN, a torchvision-layout ResNet with BKN-linear; every run
+   torch.compile of BKN in CUDA graphs (compile=reduce-overhead: static shapes, inductor's kernels,
+   the step replayed as graphs), a torchvision-layout ResNet with BKN-linear; every run
    evaluates with option B (population statistics) and option A (test-batch statistics) and must
    finish with finite numbers.
 2. A one-process NCCL group: BKN under DistributedDataParallel for a few bf16 steps, and an
@@ -11,8 +12,9 @@
    results/benchmark/gpu.md (with the ratios beside the targets: BKN >= 0.985 x BN, the paper's
    Table 2); the results of 1, 2 and 4 are appended to it.
 4. scripts/benchmark.py --preset micro_gpu, the micro-batch regime (preact_resnet32 at (8, 2) and
-   (16, 1), eager, and compiled with CUDA graphs), with fewer repeats, written to
-   results/benchmark/micro_gpu.md (step time against torch.nn.BatchNorm2d, beside the targets).
+   (16, 1) eager; at (8, 2) also compiled, and compiled in CUDA graphs), with fewer repeats, written
+   to results/benchmark/micro_gpu.md (step time and ATen calls against torch.nn.BatchNorm2d, beside
+   the targets, and whether inductor captured every variant's CUDA graphs).
 
 One line per check; exit code 1 if any failed. Without CUDA: one line, exit code 0.
 
@@ -50,8 +52,8 @@ TRAIN_RUNS: dict[str, list[str]] = {
     # No warm-up: r_max / d_max relax over the first 20 steps, so the check runs the renorm correction.
     "fp16 autocast + gradient scaler, BRN": ["normalizer=brn", "normalizer.warmup_steps=0",
                                              "normalizer.relax_steps=20", "amp=fp16", "channels_last=true"],
-    "torch.compile + bf16 + channels_last, BKN": ["normalizer=bkn", "amp=bf16", "compile=true",
-                                                  "channels_last=true"],
+    "torch.compile in CUDA graphs + bf16 + channels_last, BKN": ["normalizer=bkn", "amp=bf16",
+                                                                 "compile=reduce-overhead", "channels_last=true"],
     "resnet18 + bf16 + channels_last, BKN-linear": ["model=resnet18", "normalizer=bkn_linear", "amp=bf16",
                                                     "channels_last=true"],
 }

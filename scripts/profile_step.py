@@ -2,7 +2,9 @@
 the benchmark's micro-batch setting (preact_resnet32, 32x32, (8, 2) by default) under torch.profiler.
 
 For each variant: the ops a step runs, their self CPU time per step, and the ops that account for
-the difference to torch.nn.BatchNorm2d (the ratio the micro benchmark reports). The profiler adds
+the difference to torch.nn.BatchNorm2d (the ratio the micro benchmark reports), and the ATen calls
+that reach the dispatcher in one eager step (benchmark.count_aten_calls: the count the benchmark
+reports, without the profiler's nested records of an op's own inner calls). The profiler adds
 a few microseconds to every op, so the totals are above the benchmark's step times and weigh small
 ops more; use it for where the time goes, and scripts/benchmark.py for how much.
 
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     setting = benchmark.Setting(args.model, args.image_size, 10, args.batch, args.statistics, tuple(variants),
                                 compile_mode=args.compile)
     options = benchmark.Options("cpu", warmup=3, steps=args.steps, repeats=1)
-    steps = {variant: benchmark.build_candidate(setting, variant, options).step for variant in variants}
+    candidates = {variant: benchmark.build_candidate(setting, variant, options) for variant in variants}
+    steps = {variant: candidate.step for variant, candidate in candidates.items()}
+    aten_calls = {variant: candidate.aten_calls for variant, candidate in candidates.items()}
     # Round-robin, as the benchmark times: a drift of the machine hits every variant alike. The first
     # round is the profiler's own warm-up and is dropped.
     measured = {variant: (Counter(), Counter()) for variant in variants}
@@ -111,15 +115,20 @@ def main(argv: list[str] | None = None) -> None:
              f"round of warm-up), threads: {torch.get_num_threads()}, torch {torch.__version__}. Self CPU time of "
              f"{ops} per step (the profiler's own cost per op included, so small ops weigh more than in the "
              "benchmark's step times); `profiled step ms`: the profiled steps' wall clock, whose rest beyond the ops "
-             "is Python, autograd and (compiled) guard overhead. Written by `python scripts/profile_step.py"
-             f"{' --compile ' + args.compile if args.compile else ''}`.", "",
-             "| variant | ops a step | op calls a step | ms of ops a step | vs torch_bn | profiled step ms | vs torch_bn |",
-             "|---|---|---|---|---|---|---|"]
+             "is Python, autograd and (compiled) guard overhead; `op calls a step`: the profiler's records, an "
+             "op's inner calls included; `ATen calls a step`: the calls that reach the dispatcher in one eager step "
+             "(set_step, forward, backward, SGD step), counted as scripts/benchmark.py counts them"
+             f"{', of the eager step also here (the compiled graphs run fused kernels)' if args.compile else ''}. "
+             f"Written by `python scripts/profile_step.py{' --compile ' + args.compile if args.compile else ''}`.", "",
+             "| variant | ops a step | op calls a step | ms of ops a step | vs torch_bn | profiled step ms | vs torch_bn "
+             "| ATen calls a step | vs torch_bn |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for variant, (times, calls) in measured.items():
         total = sum(times.values())
         lines.append(f"| {variant} | {len(times)} | {sum(calls.values()):.0f} | {total / 1000:.1f} "
                      f"| {total / reference_total:.2f} | {walls[variant] / 1000:.1f} "
-                     f"| {walls[variant] / walls['torch_bn']:.2f} |")
+                     f"| {walls[variant] / walls['torch_bn']:.2f} | {aten_calls[variant]:,} "
+                     f"| {aten_calls[variant] / aten_calls['torch_bn']:.2f} |")
     if args.compile:  # kernels fuse differently in each variant, so compare them by kind first
         lines += ["", "By kind: the graphs' ATen calls (convolutions, matrix products) and what runs outside the graphs "
                   "(the optimizer), the compiled kernels, and the step's rest (Python, autograd, guards):", "",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import bkn.nn
 from bkn.models import build_model
@@ -59,6 +60,11 @@ def test_end_to_end_report_has_every_variant_ratio_and_target(tmp_path: Path) ->
         assert float(record["memory_vs_baseline"]) == pytest.approx(
             float(record["peak_memory_mib"]) / float(baseline["peak_memory_mib"]), rel=1e-2)
         assert f"| {record['variant']} |" in markdown
+        assert float(record["aten_calls_vs_baseline"]) == pytest.approx(
+            int(record["aten_calls"]) / int(baseline["aten_calls"]), rel=1e-3)
+        assert f"| {int(record['aten_calls']):,} | {float(record['aten_calls_vs_baseline']):.3f} |" in markdown
+    # The Kalman step is made of calls of its own, on top of BN's.
+    assert int(by_variant["bkn_linear"]["aten_calls"]) > int(by_variant["bn_groups"]["aten_calls"]) > 0
     # BKN's extra statistics are (G, C) tensors on top of the same network: memory cannot be lower.
     assert float(by_variant["bkn_analytic"]["peak_memory_mib"]) >= float(baseline["peak_memory_mib"])
 
@@ -106,7 +112,7 @@ def test_micro_preset_reports_step_time_ratios_to_torch_batchnorm(tmp_path: Path
     records, markdown = read_report(stem)
     settings = {(r["image_size"], r["batch"], r["statistics"]) for r in records}
     assert settings == {("32", "8", "2"), ("32", "16", "1"), ("8", "8", "2")}
-    assert len(records) == 3 * len(benchmark.micro_settings("default"))
+    assert len(records) == 3 * len(benchmark.micro_settings(("default",)))
     for record in records:
         assert record["baseline"] == "torch_bn" and record["compile_mode"] == ""
         speed = float(record["examples_per_s_median"])
@@ -163,6 +169,98 @@ def test_live_tensor_memory_counts_allocations_until_freed() -> None:
     assert tracker.current == 0
 
 
+def test_aten_calls_counts_each_dispatcher_call_of_the_forward_and_the_backward() -> None:
+    a, m = torch.ones(4), torch.ones(2, 2)
+    with benchmark.AtenCalls() as counter:
+        b = a * 2
+        b.add_(1)  # in place, and a view: one call each, as the dispatcher sees them
+        torch.mm(b.view(2, 2), m)
+    assert counter.calls == {"aten.mul": 1, "aten.add_": 1, "aten.view": 1, "aten.mm": 1}
+
+    x = torch.ones(3, requires_grad=True)
+    with benchmark.AtenCalls() as counter:
+        (x * 2).sum().backward()
+    # forward mul and sum; backward: the seed gradient, sum's expand, mul's mul, and the detach that
+    # stores x.grad
+    assert counter.calls == {"aten.mul": 2, "aten.sum": 1, "aten.ones_like": 1, "aten.expand": 1, "aten.detach": 1}
+
+
+def test_count_aten_calls_skips_the_warm_up_and_refuses_a_count_that_changes() -> None:
+    calls = 0
+
+    def lazy_step() -> None:  # on its first call only, a zeros in place of the ones (a lazily created buffer)
+        nonlocal calls
+        calls += 1
+        (torch.zeros(2) if calls == 1 else torch.ones(2)).add(1)
+
+    assert benchmark.count_aten_calls(lazy_step, warmup=1, steps=3) == {"aten.ones": 1, "aten.add": 1}
+    calls = 0
+    with pytest.raises(ValueError, match=r"differ from step to step after 0 warm-up step\(s\) \(2, 2\)"):
+        benchmark.count_aten_calls(lazy_step, warmup=0, steps=2)  # the same total, another op: still refused
+
+    def growing_step() -> None:  # one more op on every call
+        nonlocal calls
+        calls += 1
+        for _ in range(calls):
+            torch.ones(1)
+
+    calls = 0
+    with pytest.raises(ValueError, match=r"\(1, 2\): count after a longer warm-up"):
+        benchmark.count_aten_calls(growing_step, warmup=0, steps=2)
+
+
+class ConvNormNet(nn.Module):
+    """``layers`` ConvNormAct blocks of 8 channels (the first one after the input), pooled, then a
+    linear classifier: the smallest network that threads BKN's state through convs."""
+
+    def __init__(self, norm: bkn.nn.NormSpec, layers: int) -> None:
+        super().__init__()
+        self.features = bkn.nn.Sequential(bkn.nn.ConvNormAct(3, 8, 3, norm, first=True),
+                                          *(bkn.nn.ConvNormAct(8, 8, 3, norm) for _ in range(layers - 1)))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x)[0].mean((2, 3)))
+
+
+def small_step_calls(variant: str, layers: int) -> int:
+    """ATen calls of one training step (as benchmark.py counts it) of ConvNormNet on 8 images of
+    4x4 with statistics groups of 2."""
+    torch.manual_seed(0)
+    model = ConvNormNet(benchmark.VARIANTS[variant](2), layers)
+    if variant == "torch_bn":
+        benchmark.swap_in_torch_batchnorm(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step = benchmark.make_train_step(model, optimizer, torch.randn(8, 3, 4, 4), torch.randint(10, (8,)), amp=False)
+    return sum(benchmark.count_aten_calls(step, warmup=2, steps=2).values())
+
+
+# Ceilings on the ATen calls of one training step (set_step, forward, backward, SGD step) of
+# ConvNormNet with 3 layers, and on the calls one more layer adds (4 layers less 3; the conv and
+# ReLU included, 22 calls with torch's BatchNorm2d): today's counts (torch 2.14, main at e8e2504)
+# plus 2%, rounded down. They are ceilings, not targets: lower them when a layer needs fewer calls.
+#   variant          3 layers  a layer   ceilings
+#   torch_bn         100        22       102, 22
+#   bn_groups        199        55       202, 56
+#   brn              268        78       273, 79
+#   bkn_linear       550       207       561, 211
+#   bkn_analytic     696       280       709, 285
+#   bkn_monte_carlo  568       216       579, 220
+#   gn               106        24       108, 24
+CALL_CEILINGS = {"torch_bn": (102, 22), "bn_groups": (202, 56), "brn": (273, 79), "bkn_linear": (561, 211),
+                 "bkn_analytic": (709, 285), "bkn_monte_carlo": (579, 220), "gn": (108, 24)}
+
+
+@pytest.mark.parametrize("variant", list(CALL_CEILINGS))
+def test_a_small_training_step_stays_under_its_call_ceilings(variant: str) -> None:
+    """A change that adds operator calls per layer fails here (each call is a kernel launch on a GPU),
+    not in a benchmark run months later."""
+    three, four = small_step_calls(variant, 3), small_step_calls(variant, 4)
+    step_ceiling, layer_ceiling = CALL_CEILINGS[variant]
+    assert three <= step_ceiling, f"{variant}: {three} ATen calls a step, ceiling {step_ceiling}"
+    assert four - three <= layer_ceiling, f"{variant}: {four - three} ATen calls a layer, ceiling {layer_ceiling}"
+
+
 def test_peak_memory_covers_resident_tensors_and_saved_activations() -> None:
     """The step's peak is at least the resident state plus what autograd saves for the backward."""
     model = build_model("cifar_net", 10, {"name": "bkn", "statistics_batch_size": 2}, 4)
@@ -190,6 +288,8 @@ def test_peak_memory_covers_resident_tensors_and_saved_activations() -> None:
     (["--model", "cifar_net", "--batch", "6", "--statistics", "4"], "does not divide"),
     (["--model", "cifar_net", "--norms", "bn,layernorm"], "unknown variant 'layernorm'"),
     (["--model", "cifar_net", "--steps", "0"], "must be >= 1"),
+    (["--preset", "micro_gpu", "--device", "cpu"], "mode reduce-overhead runs the step in CUDA graphs, which needs "
+                                                   "--device cuda; on a CPU pass --compile"),
 ])
 def test_bad_arguments_exit_with_one_line(arguments: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
@@ -209,6 +309,36 @@ def test_compiled_models_run_end_to_end(tmp_path: Path) -> None:
     records, _ = read_report(stem)
     assert [r["variant"] for r in records] == ["bkn_analytic"] and records[0]["compile_mode"] == "default"
     assert float(records[0]["examples_per_s_median"]) > 0 and float(records[0]["peak_memory_mib"]) > 0
+
+
+def test_micro_gpu_report_times_eager_compiled_and_cuda_graph_steps_and_says_where_graphs_were_skipped(
+        tmp_path: Path) -> None:
+    """The GPU preset's report, written from made-up measurements (no GPU here): a setting per
+    compile mode, and a line naming the variants whose graphs inductor did not capture."""
+    settings, _ = benchmark.PRESETS["micro_gpu"]
+    assert {setting.compile_mode for setting in settings} == {None, "default", "reduce-overhead"}
+    candidates = [benchmark.Candidate(setting, variant, lambda: None, [100.0], [50.0], 2**20, 500,
+                                      (2 if variant == "bkn_linear" else 0) if setting.compile_mode == "reduce-overhead"
+                                      else None)
+                  for setting in settings for variant in setting.variants]
+    benchmark.write_report(tmp_path / "micro_gpu", list(settings), candidates, [], benchmark.Options("cpu", 1, 1, 1),
+                           "python scripts/benchmark.py --preset micro_gpu", 0.0, 60.0)
+    records, markdown = read_report(tmp_path / "micro_gpu")
+    assert "## preact_resnet32 32x32, batch 8, statistics 2, torch.compile (mode=reduce-overhead)" in markdown
+    assert markdown.count("CUDA graphs: ") == 1  # under the one setting with CUDA graphs
+    assert "CUDA graphs: **not captured** for bkn_linear (2 graph(s) skipped)" in markdown
+    assert {r["cuda_graph_skips"] for r in records if r["compile_mode"] != "reduce-overhead"} == {""}
+    assert sorted(r["cuda_graph_skips"] for r in records if r["compile_mode"] == "reduce-overhead") == ["0", "0", "2"]
+
+
+@pytest.mark.slow
+def test_a_cuda_graph_mode_on_cpu_counts_the_graphs_inductor_skipped() -> None:
+    """The count behind the report's CUDA-graph line, on the one path a CPU has: inductor skips every
+    CUDA graph of a CPU model."""
+    torch._dynamo.reset()
+    setting = benchmark.Setting("cifar_net", 4, 10, 4, 2, ("torch_bn",), compile_mode="reduce-overhead")
+    candidate = benchmark.build_candidate(setting, "torch_bn", benchmark.Options("cpu", warmup=1, steps=1, repeats=1))
+    assert candidate.cuda_graph_skips and candidate.cuda_graph_skips > 0
 
 
 def test_a_training_step_tells_the_layers_the_optimizer_step_as_train_py_does() -> None:
@@ -266,6 +396,12 @@ def test_profile_names_where_our_bn_differs_from_torchs(tmp_path: Path) -> None:
     text, rows = profile_report(tmp_path)
     assert rows["torch_bn"][4] == "1.00" and rows["torch_bn"][6].rstrip(" |") == "1.00"
     assert float(rows["bn_groups"][3]) > 0 and float(rows["bn_groups"][5]) > 0
+    # The dispatcher's count: the top-level calls only, which the profiler also records among their inner ones.
+    aten_calls = {variant: int(row[7].replace(",", "")) for variant, row in rows.items()}
+    assert all(0 < aten_calls[variant] <= float(rows[variant][2]) for variant in rows)
+    assert rows["torch_bn"][8].rstrip(" |") == "1.00"
+    assert float(rows["bn_groups"][8].rstrip(" |")) == pytest.approx(aten_calls["bn_groups"] / aten_calls["torch_bn"],
+                                                                     abs=5e-3)
     differences = text.split("## bn_groups:")[1]
     # torch's BN runs its fused training kernel; ours the statistics kernel and the normalization apart.
     assert "`aten::native_batch_norm`" in differences and "`aten::batch_norm_gather_stats" not in differences

@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bkn.config import ConfigError, Plan, World, defined_keys, run_name, validate
+from bkn.config import ConfigError, Plan, World, compile_modes, defined_keys, run_name, validate
 from bkn.data import BUILDERS
 from bkn.models import list_models
 from bkn.nn import NORMALIZERS
@@ -172,6 +173,11 @@ BAD_SETTINGS = [
     (["schedule.milestones=[0.75,0.5]"], "schedule.milestones="),
     (["optim.lr=0"], "optim.lr=0: expected a number in (0"),
     (["amp=fp16", "device=cpu"], "amp=fp16 needs CUDA"),
+    (["compile=fast"], "compile='fast': choose false, true (torch.compile's default mode) or a mode of torch.compile: "
+                       "default,"),
+    (["compile=reduce-overhead", "device=cpu"], "compile=reduce-overhead captures the training step in CUDA graphs, "
+                                                "which needs device=cuda; on cpu use compile=true or a mode without them"),
+    (["compile=max-autotune", "device=cpu"], "compile=max-autotune captures the training step in CUDA graphs"),
     (["resume=/nonexistent/last.pt"], "no such checkpoint file"),
     (["run_name=a/b"], "run_name='a/b': expected a non-empty name without '/'"),
 ]
@@ -203,6 +209,21 @@ def test_plan_is_a_plain_value() -> None:
     plan = validate(compose_config([]), environ={})
     assert isinstance(plan, Plan) and plan.world == World() and plan.device == "cpu"
     assert plan.run_dir == Path("runs/default/cifar_net_bkn-linear_g16_s2_seed0")
+
+
+@pytest.mark.parametrize(("value", "mode"), [("false", None), ("true", "default"), ("default", "default"),
+                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_takes_true_false_or_a_mode_of_torch_compile(value: str, mode: str | None) -> None:
+    plan = validate(compose_config([f"compile={value}", "device=cpu"]), environ={})
+    assert plan.compile_mode == mode
+    assert ("off (eager)" if mode is None else f"torch.compile, mode {mode}") in plan.describe()
+
+
+def test_compile_modes_are_torchs_and_those_with_cuda_graphs_are_named() -> None:
+    modes = compile_modes()
+    assert set(modes) == set(torch._inductor.list_mode_options())  # every mode this torch defines
+    assert modes["reduce-overhead"] and modes["max-autotune"]  # torch.compile's docs: they use CUDA graphs
+    assert not modes["default"] and not modes["max-autotune-no-cudagraphs"]
 
 
 TRAINING_LENGTHS = [

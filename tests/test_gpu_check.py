@@ -1,6 +1,7 @@
 """scripts/gpu_check.py, the parts a CPU can check: the one-line exit without CUDA, a train.py check
-judged from its run record and the process-group check (on the CPU, with gloo, instead of the GPU
-with NCCL), and the report section it appends."""
+judged from its run record, the settings of every train.py check (validated as on a GPU), the
+process-group check (on the CPU, with gloo, instead of the GPU with NCCL), and the report section it
+appends."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bkn.config import validate
+from training_helpers import compose_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
@@ -38,6 +42,14 @@ def test_a_train_run_check_reads_the_run_record(monkeypatch: pytest.MonkeyPatch,
     failed = gpu_check.check_train_run("bad", ["normalizer=bn", "batch.statistics=3"], tmp_path / "bad")
     assert not failed.passed
     assert failed.detail.startswith("exit code 2: error: batch.statistics=3 does not divide")
+
+
+@pytest.mark.parametrize("name", list(gpu_check.TRAIN_RUNS))
+def test_every_train_run_of_the_check_is_a_valid_config_on_one_gpu(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt override (compile=reduce_overhead) would otherwise show only on a GPU machine."""
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
+    plan = validate(compose_config([*gpu_check.TRAIN, *gpu_check.TRAIN_RUNS[name]]), environ={})
+    assert plan.device == "cuda"
 
 
 def test_the_process_group_check_trains_bkn_under_ddp() -> None:

@@ -269,6 +269,23 @@ def test_bf16_autocast_trains_like_float32(tmp_path: Path, monkeypatch: pytest.M
     assert bfloat16 == pytest.approx(float32, rel=0.02)
 
 
+@pytest.mark.parametrize(("value", "mode"), [("true", "default"),
+                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_hands_its_mode_to_torch_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
+                                                  mode: str) -> None:
+    """What train.py compiles and how; the compiled training itself is the slow test below."""
+    register_tiny_net(monkeypatch)
+    calls = []
+
+    def record(model: torch.nn.Module, **options: object) -> torch.nn.Module:
+        calls.append(options)
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    train_in_process(tmp_path, [*TINY, f"compile={value}"])
+    assert calls == [{"dynamic": False, "mode": mode}]
+
+
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)

@@ -159,10 +159,10 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
         session.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               forward_sync_buffers=False, find_unused_parameters=bool(unused))
         session.model = session.ddp
-    if cfg.compile:
+    if plan.compile_mode is not None:
         # Static shapes: training batches never change size, and inductor (torch 2.14) failed to
         # compile a BKN network with symbolic shapes ("cannot determine truth value of Relational").
-        session.model = torch.compile(session.model, dynamic=False)
+        session.model = torch.compile(session.model, dynamic=False, mode=plan.compile_mode)
     return session
 
 
