@@ -391,6 +391,7 @@ def _training_length(cfg: DictConfig) -> tuple[int | None, int | None]:
 def _evaluation_and_checkpoints(cfg: DictConfig) -> None:
     _int(cfg, "eval.every", optional=True)
     _int(cfg, "checkpoint.every", optional=True)
+    _int(cfg, "checkpoint.keep")
     inference = _get(cfg, "eval.inference")
     if (not isinstance(inference, ListConfig) or not inference or len(set(inference)) != len(inference)
             or not set(inference) <= set(INFERENCE_OPTIONS)):
