@@ -70,7 +70,7 @@ def _unreadable(path: str) -> str | None:
         with Image.open(path) as image:
             image.verify()
     except Exception as error:  # noqa: BLE001 - PIL reports a bad file with many exception types
-        return f"{type(error).__name__}: {error}".strip()
+        return f"{type(error).__name__}: {str(error).replace(f' {path!r}', '')}"  # the path is named already
     return None
 
 
