@@ -308,7 +308,7 @@ def _finite_numbers(cfg: DictConfig) -> None:
     for key, value in config_leaves(OmegaConf.to_container(cfg, resolve=False)):
         values = value if isinstance(value, list) else [value]
         if any(isinstance(item, float) and not math.isfinite(item) for item in values):
-            raise ConfigError(f"{key}={value!r}: expected a finite number; inf and nan are no setting")
+            raise ConfigError(f"{key}={value!r}: expected a finite number (inf and nan are refused)")
 
 
 def _bool(cfg: DictConfig, key: str) -> bool:

@@ -26,7 +26,7 @@ from bkn.engine.records import read_metrics, read_summary
 from bkn.models import build_model
 from data_writers import write_cifar10, write_image_folders
 from training_helpers import (ROOT, TINY, TINY_RUN, register_tiny_net, run_fault_runner, run_train_main,
-                              subprocess_env, the_run_dir, train_in_process)
+                              save_then_fail, subprocess_env, the_run_dir, train_in_process)
 
 
 SECRET = "sk-test-secret-123"
@@ -71,19 +71,6 @@ def test_a_signal_during_the_final_evaluation(signal_number: int, exit_code: int
     monkeypatch.setattr(loop, "evaluate", evaluate_then_signal)
     assert run_train_main(monkeypatch, [*TINY, "eval.every=null", f"out_dir={tmp_path}"]) == exit_code
     assert read_summary(the_run_dir(tmp_path))["status"] == "finished"
-
-
-def save_then_fail(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
-    """torch.save writes the first checkpoint, then fails half-way through every later one."""
-    original, saves = torch.save, iter(range(10**6))
-
-    def failing_save(state: Any, file: Any) -> None:
-        if next(saves) == 0:
-            return original(state, file)
-        file.write(b"half a checkpoint")
-        raise error
-
-    monkeypatch.setattr(torch, "save", failing_save)
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path,

@@ -18,10 +18,9 @@ import torch
 import bkn.engine.session as session
 from bkn.engine.checkpoint import checkpoint_path, checksum_matches, load_checkpoint, step_checkpoints
 from bkn.engine.records import read_metrics, read_summary
-from test_faults import save_then_fail
-from test_folder_data import write_class_folders
+from data_writers import write_class_folders
 from training_helpers import (TINY, TINY_RUN, final_state, register_tiny_net, run_fault_runner, run_train_main,
-                              the_run_dir, train_in_process)
+                              save_then_fail, the_run_dir, train_in_process)
 
 NO_SPACE = "No space left on device"
 

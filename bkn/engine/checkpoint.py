@@ -134,7 +134,7 @@ def drop_checkpoints_after(directory: Path, step: int | None) -> None:
     remaining = step_checkpoints(directory)
     if remaining:
         _link_last(directory, remaining[0])
-    else:
+    elif step is None:  # a last.pt from before step files is kept while its run continues
         (directory / LAST).unlink(missing_ok=True)
 
 

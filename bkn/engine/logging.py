@@ -116,6 +116,15 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+class RunLogFile(logging.FileHandler):
+    """``train.log``. A line that cannot be written for lack of space is dropped without logging's
+    traceback on stderr: the run's next write of its record stops it with one line (``NoSpace``)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if no_space_cause(sys.exc_info()[1]) is None:
+            super().handleError(record)
+
+
 class RunLogger:
     """Sends every train / eval line to the run record, W&B and the console (main rank only)."""
 
@@ -128,7 +137,7 @@ class RunLogger:
         self.bar = ProgressBar(self.eta, stream) if interactive else None
         self.file_handler: logging.Handler | None = None
         if enabled:  # the same lines as the console's, kept with the run record
-            self.file_handler = logging.FileHandler(record.log_path)
+            self.file_handler = RunLogFile(record.log_path)
             self.file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             log.addHandler(self.file_handler)
 
