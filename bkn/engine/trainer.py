@@ -107,7 +107,7 @@ def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | No
 
 
 def _damaged_final_checkpoint(run_dir: Path) -> Path | None:
-    """A finished run's newest checkpoint if its checksum no longer matches (or it is gone)."""
+    """A finished run's newest checkpoint if its checksum no longer matches."""
     newest = step_checkpoints(checkpoint_path(run_dir).parent)[:1]
     if not newest:
         return None  # written before checkpoints had checksums: nothing to check against
@@ -236,14 +236,15 @@ def _check_learned(session: Session, run_dir: Path, final: dict[str, EvalResult]
 
 def run(cfg: DictConfig, plan: Plan) -> None:
     """Train as planned. Raises ``Interrupted`` after a SIGTERM / SIGINT / SIGUSR2 (checkpoint saved;
-    under submitit SIGUSR2 requeues the job instead) and ``TrainingStopped`` when the run diverges
-    (status "diverged"); any other error marks the run "failed"."""
+    under submitit SIGUSR2 requeues the job instead), ``TrainingStopped`` when the run diverges
+    (status "diverged") and ``NoSpace`` when a write finds the disk or quota full; any error marks
+    the run "failed", its line recorded as the summary's ``error``."""
     if not plan.world.is_main:
         logging.getLogger("bkn").setLevel(logging.WARNING)  # one rank speaks
+    if plan.world.is_main:  # an out_dir that cannot be written is refused before any data is read
+        ensure_writable(plan.run_dir, cfg.out_dir)
     # The main rank holds the run directory from before anything is read or written there until
     # the run ends: a second process on the same run (two terminals, a duplicated job) is refused.
-    if plan.world.is_main:
-        ensure_writable(plan.run_dir, cfg.out_dir)
     with hold_run_dir(plan.run_dir) if plan.world.is_main else nullcontext():
         _run_held(cfg, plan)
 
