@@ -6,8 +6,8 @@ runs it. The same command runs under ``torchrun`` (one process per device) and o
 (``-m hydra/launcher=slurm``). Every key is explained in docs/training.md.
 
 Exit codes: 0 finished or already finished; 1 diverged (non-finite steps, parameters or final
-evaluation) or crashed; 2 a bad setting, bad data or a run that another process holds, with a
-one-line message (printed once, by rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM /
+evaluation), out of disk space or quota (one line), or crashed; 2 a bad setting, bad data, an
+out_dir that cannot be written or a run that another process holds, with a one-line message (printed once, by rank 0); 130 / 143 / 140 interrupted by SIGINT / SIGTERM /
 SIGUSR2, with a checkpoint (a sweep stops there; under submitit on SLURM, SIGUSR2 requeues the job
 instead).
 """
@@ -36,20 +36,15 @@ from bkn.config import ConfigError, defined_keys, detect_world, nearest_key, run
 from bkn.data import DataError  # noqa: E402
 from bkn.engine import TrainingStopped, run  # noqa: E402
 from bkn.engine.checkpoint import Interrupted  # noqa: E402
+from bkn.engine.disk import NoSpace  # noqa: E402
 from bkn.engine.lock import RunInUse  # noqa: E402
+from bkn.engine.records import error_line  # noqa: E402
 from bkn.engine.session import load_datasets  # noqa: E402
 from bkn.engine.trainer import decide_start, start_banner  # noqa: E402
 
 OTHER_RANKS_WAIT_S = 5
 refusals: list[str] = []  # a dry run of a sweep checks every job, then reports them all
 sweep_dirs: set[Path] = set()  # where Hydra wrote multirun.yaml before the jobs ran
-
-
-def one_line(error: Exception) -> str:
-    """The error's message; for one re-raised from a DataLoader worker (whose message is the
-    worker's traceback), the original message, its last line."""
-    last_line = str(error).strip().splitlines()[-1]
-    return last_line.removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
 
 
 def refuse(message: str, code: int = 2) -> None:
@@ -83,11 +78,13 @@ def main(cfg: DictConfig) -> None:
         run(cfg, plan)
     except (ConfigError, DataError, RunInUse) as error:
         if dry_run and hydra_cfg.mode == RunMode.MULTIRUN:
-            refusals.append(one_line(error))
-            print(f"error: {one_line(error)}", file=sys.stderr)
+            refusals.append(error_line(error))
+            print(f"error: {error_line(error)}", file=sys.stderr)
             return
-        refuse(one_line(error))
+        refuse(error_line(error))
     except TrainingStopped as error:
+        refuse(str(error), code=1)
+    except NoSpace as error:  # its line names the folder and the OS's reason: a traceback adds nothing
         refuse(str(error), code=1)
     except Interrupted as interrupted:
         sys.exit(interrupted.exit_code)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -302,12 +303,22 @@ def _int(cfg: DictConfig, key: str, minimum: int = 1, optional: bool = False) ->
 
 def _number(cfg: DictConfig, key: str, minimum: float, maximum: float = float("inf"),
             include_minimum: bool = True) -> float:
+    """A finite number in the range: inf and nan are refused (an lr of inf diverges at step 1)."""
     value = _get(cfg, key)
     low_ok = isinstance(value, (int, float)) and (value >= minimum if include_minimum else value > minimum)
-    if isinstance(value, bool) or not low_ok or not value <= maximum:
+    if isinstance(value, bool) or not low_ok or not value <= maximum or not math.isfinite(value):
         bracket = "[" if include_minimum else "("
-        raise ConfigError(f"{key}={value!r}: expected a number in {bracket}{minimum}, {maximum}]")
+        high = f"{maximum}]" if math.isfinite(maximum) else "inf)"
+        raise ConfigError(f"{key}={value!r}: expected a finite number in {bracket}{minimum}, {high}")
     return float(value)
+
+
+def _finite_numbers(cfg: DictConfig) -> None:
+    """No setting may be inf or nan, also those checked by building them (normalizer, data)."""
+    for key, value in config_leaves(OmegaConf.to_container(cfg, resolve=False)):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in values):
+            raise ConfigError(f"{key}={value!r}: expected a finite number (inf and nan are refused)")
 
 
 def _bool(cfg: DictConfig, key: str) -> bool:
@@ -394,6 +405,7 @@ def _training_length(cfg: DictConfig) -> tuple[int | None, int | None]:
 def _evaluation_and_checkpoints(cfg: DictConfig) -> None:
     _int(cfg, "eval.every", optional=True)
     _int(cfg, "checkpoint.every", optional=True)
+    _int(cfg, "checkpoint.keep")
     inference = _get(cfg, "eval.inference")
     if (not isinstance(inference, ListConfig) or not inference or len(set(inference)) != len(inference)
             or not set(inference) <= set(INFERENCE_OPTIONS)):
@@ -525,6 +537,7 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     """Check every setting of ``cfg`` (as composed by Hydra) and derive the run's plan. The one
     change made to ``cfg``: a training length given alone on the command line clears the other."""
     world = detect_world(environ)
+    _finite_numbers(cfg)
     gradient, statistics, per_device, accumulation, eval_batch = _batch(cfg, world)
     steps, epochs = _training_length(cfg)
     _evaluation_and_checkpoints(cfg)

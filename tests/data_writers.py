@@ -132,3 +132,21 @@ def write_fashion_mnist(root: Path, train_per_class: int = 3, test_size: int = 7
         _write_idx(Path(root) / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8), gzipped)
         written[split] = (images, labels)
     return written
+
+
+FORMATS = ("PNG", "WEBP", "JPEG", "BMP")
+
+
+def write_class_folders(root: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> dict[Path, np.ndarray]:
+    """``root/<class>/<i>.<format>``: random 20x24 RGB images, the formats taking turns; returns the pixels."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image_format = FORMATS[i % len(FORMATS)]
+            path = root / name / f"{i}.{image_format.lower()}"
+            pixels = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path, image_format, **({"lossless": True} if image_format == "WEBP" else {}))
+            written[path] = np.asarray(Image.open(path).convert("RGB"))  # as decoded (JPEG is lossy)
+    return written

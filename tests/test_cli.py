@@ -6,11 +6,13 @@ bad setting once, and compare_runs over experiment folders."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bkn.engine.records import read_summary
 from training_helpers import (ROOT, TINY, register_tiny_net, run_fault_runner, run_train_main, subprocess_env,
@@ -145,3 +147,40 @@ def test_compare_runs_takes_experiment_folders_and_shows_what_differs(tmp_path: 
                              capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 2 and "no run records" in nothing.stderr
     assert the_run_dir(runs / "two") == same_name
+
+
+def _copy_run(run_dir: Path, to: Path, top1: float, config: dict[str, object], **summary: object) -> None:
+    """A copy of a run's record as if trained with other ``config`` values, to that top-1."""
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("checkpoints"))
+    saved = yaml.safe_load((to / "config.yaml").read_text())
+    for key, value in config.items():
+        section, _, name = key.rpartition(".")
+        (saved[section] if section else saved)[name] = value
+    (to / "config.yaml").write_text(yaml.safe_dump(saved))
+    record = read_summary(to)
+    record["final"]["population"]["top1"] = top1
+    (to / "summary.json").write_text(json.dumps({**record, **summary}))
+
+
+def test_compare_runs_takes_the_out_dir_aggregates_seeds_and_shows_errors(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    register_tiny_net(monkeypatch)
+    runs = tmp_path / "runs"
+    trained = train_in_process(runs, SHORT)
+    _copy_run(trained, runs / "default" / "seed1", 60.0, {"seed": 1})
+    _copy_run(trained, runs / "default" / "seed2", 10.0, {"seed": 2}, status="failed", error="disk full")
+    _copy_run(trained, runs / "other" / "momentum", 50.0, {"optim.momentum": 0.5})  # a setting with one seed
+    top1 = [read_summary(trained)["final"]["population"]["top1"], 60.0]
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(runs)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    runs_table, seeds_table = result.stdout.split("\n\nOver seeds")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in runs_table.splitlines()]
+    assert len(rows) == 2 + 4 and rows[0][-1] == "error"
+    assert sorted(row[-1] for row in rows[2:]) == ["-", "-", "-", "disk full"]
+    seeds_rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in seeds_table.splitlines()
+                  if line.startswith("| ")]
+    assert [row[0] for row in seeds_rows] == ["experiment", "-" * len(seeds_rows[1][0]), "default"]  # not "other"
+    mean = sum(top1) / 2
+    sample_sd = (sum((value - mean) ** 2 for value in top1) / (2 - 1)) ** 0.5
+    assert seeds_rows[2][-3:-1] == ["3 (1 failed)", f"{mean:.2f} ± {sample_sd:.2f}% (n=2)"]

@@ -171,7 +171,11 @@ BAD_SETTINGS = [
     (["data.name=mnist"], "data.name='mnist': choose one of"),
     (["eval.inference=[population,moving]"], "eval.inference="),
     (["schedule.milestones=[0.75,0.5]"], "schedule.milestones="),
-    (["optim.lr=0"], "optim.lr=0: expected a number in (0"),
+    (["optim.lr=0"], "optim.lr=0: expected a finite number in (0, inf)"),
+    (["optim.lr=inf"], "optim.lr=inf: expected a finite number"),
+    (["optim.momentum=nan"], "optim.momentum=nan: expected a finite number"),
+    (["normalizer.gain=inf"], "normalizer.gain=inf: expected a finite number"),
+    (["data=folder", "data.mean=[0.5,nan,0.5]"], "data.mean=[0.5, nan, 0.5]: expected a finite number"),
     (["amp=fp16", "device=cpu"], "amp=fp16 needs CUDA"),
     (["compile=fast"], "compile='fast': choose false, true (torch.compile's default mode) or a mode of torch.compile: "
                        "default,"),

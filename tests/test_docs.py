@@ -30,7 +30,7 @@ GROUPS = sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir() and 
 KEY = r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+"
 CHECKED = (*SECTIONS, *GROUPS, "resume", "seed")  # the first part of the overrides checked
 # Errors a run meets while training (docs/faults.md), after its settings validated.
-RUN_ERRORS = ("error: diverged at step", "error: stopped at step")
+RUN_ERRORS = ("error: diverged at step", "error: stopped at step", "error: no space left", "error: out_dir=")
 OVERRIDE = re.compile(rf"^[+~]{{0,2}}(?:{KEY}|[a-z_]+)=[^\s`]*$")
 
 
@@ -178,3 +178,27 @@ def test_readme_python_snippets_run() -> None:
     for block in re.findall(r"```python\n(.*?)```", section, re.S):
         exec(block, namespace)  # noqa: S102 - the README's own code
     assert "state" in namespace
+
+
+def _fault_table(doc: Path) -> list[list[str]]:
+    """The rows of the fault table ("| fault | exit code | ... | test |") of ``doc``, as cells."""
+    text = doc.read_text()
+    start = text.index("| fault | exit code | what survives | what to do | test |")
+    lines = text[start:text.index("\n\n", start)].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+
+
+def test_the_fault_table_is_the_test_list() -> None:
+    """Every row of README's fault table names the tests that make it true, and they exist;
+    docs/faults.md has the same table."""
+    rows = _fault_table(ROOT / "README.md")
+    assert rows == _fault_table(ROOT / "docs" / "faults.md")
+    defined = {(path.name, name) for path in (ROOT / "tests").glob("test_*.py")
+               for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    for row in rows:
+        named = re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)`", row[-1])
+        assert named, f"the row {row[0]!r} names no test"
+        file = None
+        for test_file, test in named:
+            file = test_file or file  # `::name` is in the file named before it
+            assert (file, test) in defined, f"the row {row[0]!r} names {file}::{test}, which does not exist"

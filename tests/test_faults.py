@@ -26,7 +26,7 @@ from bkn.engine.records import read_metrics, read_summary
 from bkn.models import build_model
 from data_writers import write_cifar10, write_image_folders
 from training_helpers import (ROOT, TINY, TINY_RUN, register_tiny_net, run_fault_runner, run_train_main,
-                              subprocess_env, the_run_dir, train_in_process)
+                              save_then_fail, subprocess_env, the_run_dir, train_in_process)
 
 
 SECRET = "sk-test-secret-123"
@@ -77,21 +77,15 @@ def test_a_signal_during_the_final_evaluation(signal_number: int, exit_code: int
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)
-    run_dir = train_in_process(tmp_path, TINY)
-    good = load_checkpoint(checkpoint_path(run_dir))
-
-    def dying_save(state: Any, file: Any) -> None:
-        file.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space left"):  # an unexpected error: it keeps its traceback
-        train_in_process(tmp_path, [*TINY, "resume=null"])
-    assert read_summary(run_dir)["status"] == "failed"
-    survivor = load_checkpoint(checkpoint_path(run_dir))
-    assert survivor["step"] == good["step"] == 6
-    assert all(torch.equal(survivor["model"][key], value) for key, value in good["model"].items())
-    assert [path.name for path in checkpoint_path(run_dir).parent.iterdir()] == ["last.pt"]  # no debris
+    save_then_fail(monkeypatch, RuntimeError("the writer crashed"))
+    with pytest.raises(RuntimeError, match="the writer crashed"):  # an unexpected error: it keeps its traceback
+        train_in_process(tmp_path, TINY)  # checkpoints at steps 3 and 6
+    run_dir = the_run_dir(tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and summary["error"] == "the writer crashed"
+    assert load_checkpoint(checkpoint_path(run_dir))["step"] == 3
+    assert sorted(path.name for path in checkpoint_path(run_dir).parent.iterdir()) == [
+        "last.pt", "step-00000003.pt", "step-00000003.pt.sha256"]  # no debris
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path: Path) -> None:

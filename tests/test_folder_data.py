@@ -13,30 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import bkn.engine.session as session
 from bkn.data import DataError, build_datasets
 from bkn.engine.records import read_summary
+from data_writers import write_class_folders
 from training_helpers import ROOT, TINY_RUN, register_tiny_net, run_train_main, subprocess_env, train_in_process
-
-FORMATS = ("PNG", "WEBP", "JPEG", "BMP")
-
-
-def write_class_folders(root: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> dict[Path, np.ndarray]:
-    """``root/<class>/<i>.<format>``: random 20x24 RGB images, the formats taking turns; returns the pixels."""
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            image_format = FORMATS[i % len(FORMATS)]
-            path = root / name / f"{i}.{image_format.lower()}"
-            pixels = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(path, image_format, **({"lossless": True} if image_format == "WEBP" else {}))
-            written[path] = np.asarray(Image.open(path).convert("RGB"))  # as decoded (JPEG is lossy)
-    return written
-
 
 def test_one_folder_is_split_per_class_by_a_seeded_fraction(tmp_path: Path) -> None:
     written = write_class_folders(tmp_path, ("cat", "dog", "fox"), per_class=8)

@@ -126,17 +126,53 @@ def test_resume_path_of_another_model_or_no_checkpoint_is_one_line(tmp_path: Pat
     assert not (tmp_path / "bn").exists()  # refused before anything was written
 
 
-def test_a_corrupt_last_checkpoint_under_resume_auto_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def _damage(path: Path) -> None:
+    """Flip one byte in the middle of ``path`` (a bit rot torch.load may not notice)."""
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """README's fault table, "a damaged checkpoint": the newest two checkpoints are kept with their
+    checksums; resume=auto skips a damaged one with a warning naming it and continues from the one
+    before, to the same parameters; a finished run says its final checkpoint is damaged; every
+    checkpoint damaged is one line, exit 2."""
     register_tiny_net(monkeypatch)
     run = [*TINY, f"out_dir={tmp_path}"]
     assert run_train_main(monkeypatch, run) == 0
     run_dir = the_run_dir(tmp_path)
+    directory = checkpoint_path(run_dir).parent
+    assert sorted(path.name for path in directory.iterdir()) == [
+        "last.pt", "step-00000003.pt", "step-00000003.pt.sha256", "step-00000006.pt", "step-00000006.pt.sha256"]
+    assert checkpoint_path(run_dir).samefile(directory / "step-00000006.pt")
+    uninterrupted = final_state(run_dir)
     log = (run_dir / "train.log").read_text()
+    _damage(directory / "step-00000006.pt")
+    capsys.readouterr()
+    assert run_train_main(monkeypatch, run) == 0  # finished: nothing to do, but it says the checkpoint is damaged
+    assert f"its final checkpoint {directory / 'step-00000006.pt'} is damaged" in capsys.readouterr().out
+
     summary = json.loads((run_dir / "summary.json").read_text())
     (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "preempted"}))  # as if stopped
-    checkpoint_path(run_dir).write_bytes(b"cut short")
-    capsys.readouterr()
+    assert run_train_main(monkeypatch, run) == 0
+    out = capsys.readouterr().out
+    assert (f"checkpoint {directory / 'step-00000006.pt'} is damaged (its SHA-256 differs from the one recorded "
+            f"when it was written); resuming from the one before it, step-00000003.pt") in out
+    assert "at step 3" in out
+    assert all(torch.equal(value, uninterrupted[key]) for key, value in final_state(run_dir).items())
+
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "preempted"}))
+    for name in ("step-00000003.pt", "step-00000006.pt"):
+        _damage(directory / name)
+    assert run_train_main(monkeypatch, run) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: resume=auto: every checkpoint of {run_dir} is damaged ({directory / 'step-00000006.pt'}, "
+        f"{directory / 'step-00000003.pt'}); pass resume=null to start the run over")
+    checkpoint_path(run_dir).write_bytes(b"cut short")  # a checkpoint from before checksums: only last.pt
+    for name in ("step-00000003.pt", "step-00000006.pt"):
+        (directory / name).unlink()
     assert run_train_main(monkeypatch, run) == 2
     assert capsys.readouterr().err.strip() == (f"error: resume=auto: {checkpoint_path(run_dir)} is not a bkn "
                                                "checkpoint (UnpicklingError); pass resume=null to start the run over")

@@ -156,3 +156,16 @@ def run_fault_runner(tmp_path: Path, args: list[str], fault: str | None = None, 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model state of a run's last checkpoint."""
     return load_checkpoint(checkpoint_path(run_dir))["model"]
+
+
+def save_then_fail(monkeypatch: Any, error: Exception) -> None:
+    """torch.save writes the first checkpoint, then fails half-way through every later one."""
+    original, saves = torch.save, iter(range(10**6))
+
+    def failing_save(state: Any, file: Any) -> None:
+        if next(saves) == 0:
+            return original(state, file)
+        file.write(b"half a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing_save)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ class Datasets:
     num_classes: int
     image_size: int
     channels: int
+    # Your own files (data=folder): a hash of each split's file list, their counts, the mean and std,
+    # recorded with the run so that a resumed run can tell whether they changed.
+    files: dict[str, Any] | None = None
 
 
 class ImageTensorDataset(Dataset):

@@ -2,16 +2,24 @@
 ``root/val/<class>/*``, or one ``root/<class>/*`` split into train and test by a seeded, per-class
 fraction. Any format torchvision's ``ImageFolder`` takes (JPEG, PNG, WebP, BMP, TIFF, ...) is read
 as RGB, with ImageNet's augmentation and the data set's own mean and standard deviation: computed
-from its training images unless given.
+from its training images unless given. Every file of both splits is checked before training (an
+unreadable one would otherwise stop the run when first read, for a test image after the last
+step), and the file lists and normalization are recorded (``Datasets.files``) so that a resumed
+run can refuse a folder that changed under it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -22,6 +30,8 @@ from bkn.data.transforms import imagenet_transform
 
 log = logging.getLogger("bkn")
 
+CHECK_THREADS = 8
+SHOWN_UNREADABLE = 3  # unreadable files named in the message (all are counted)
 STATISTICS_IMAGES = 1000  # at most this many training images, spread evenly, give the mean and std
 
 
@@ -51,6 +61,43 @@ def channel_statistics(paths: Sequence[str]) -> tuple[list[float], list[float]]:
     mean = total / count
     std = (total_squares / count - mean.square()).clamp_min(0).sqrt()
     return mean.tolist(), std.tolist()
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` is no image, or None: its header is parsed and the file checked as far as PIL's
+    ``verify`` goes (a PNG's chunks and checksums; for JPEG the header only), without decoding it."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # noqa: BLE001 - PIL reports a bad file with many exception types
+        return f"{type(error).__name__}: {str(error).replace(f' {path!r}', '')}"  # the path is named already
+    return None
+
+
+def check_images(paths: Sequence[str], root: str) -> None:
+    """Every file of both splits opens as an image (threads: the work is mostly file reads), else
+    one DataError naming the first few unreadable files and their count."""
+    with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, max(1, len(paths)))) as pool:
+        reasons = list(pool.map(_unreadable, paths))
+    bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    if bad:
+        named = "; ".join(f"{path} ({reason})" for path, reason in bad[:SHOWN_UNREADABLE])
+        more = f" and {len(bad) - SHOWN_UNREADABLE} more" if len(bad) > SHOWN_UNREADABLE else ""
+        raise DataError(f"{len(bad)} of {len(paths)} images under data.root={root} cannot be read: {named}{more}; "
+                        f"replace or delete them (a run already started then refuses to continue on the changed "
+                        f"folder and says how to proceed)")
+
+
+def file_record(train_paths: Sequence[str], test_paths: Sequence[str], root: str, mean: Sequence[float],
+                std: Sequence[float]) -> dict[str, Any]:
+    """What a run records of its files: a SHA-256 of both splits' file lists (relative to ``root``),
+    their counts and the normalization computed from them."""
+    digest = hashlib.sha256()
+    for split, paths in (("train", train_paths), ("test", test_paths)):
+        for path in paths:
+            digest.update(f"{split}\t{os.path.relpath(path, root)}\n".encode())
+    return {"sha256": digest.hexdigest(), "train": len(train_paths), "test": len(test_paths),
+            "mean": list(mean), "std": list(std)}
 
 
 def _given(name: str, value: Sequence[float] | None) -> list[float] | None:
@@ -96,20 +143,23 @@ def build_folder(*, root: str, image_size: int | None, download: bool, augment: 
 
     train_set = ImageFolder(str(train_root), loader=load_rgb)
     train_paths = [path for path, _ in train_set.samples]
+    test_set = ImageFolder(str(val_root), loader=load_rgb)
+    test_paths = [path for path, _ in test_set.samples]
     if split is not None:
-        train_paths = [train_paths[index] for index in split[0]]
+        train_paths, test_paths = [train_paths[i] for i in split[0]], [test_paths[i] for i in split[1]]
+    check_images([*train_paths, *test_paths], root)
     if mean is None or std is None:
         computed_mean, computed_std = channel_statistics(train_paths)
         mean, std = mean or computed_mean, std or computed_std
         log.info("data=folder: mean %s, std %s from %d training images (data.mean / data.std to give them)",
                  [round(v, 4) for v in mean], [round(v, 4) for v in std], min(len(train_paths), STATISTICS_IMAGES))
     train_set.transform = imagenet_transform(image_size, train=augment, mean=mean, std=std)
-    test_set = ImageFolder(str(val_root), loader=load_rgb,
-                           transform=imagenet_transform(image_size, train=False, mean=mean, std=std))
+    test_set.transform = imagenet_transform(image_size, train=False, mean=mean, std=std)
     if split is not None:
         if not split[1]:
             raise DataError(f"data.val_fraction={val_fraction} holds out no image of {root}'s classes; raise it")
         train, test = Subset(train_set, split[0]), Subset(test_set, split[1])
     else:
         train, test = train_set, test_set
-    return Datasets(train, test, len(train_set.classes), image_size, channels=3)
+    return Datasets(train, test, len(train_set.classes), image_size, channels=3,
+                    files=file_record(train_paths, test_paths, root, mean, std))

@@ -1,13 +1,19 @@
-"""Checkpoints that survive crashes, and the SIGTERM / SIGINT / SIGUSR2 flag that asks for one.
+"""Checkpoints that survive crashes, a full disk and damage, and the SIGTERM / SIGINT / SIGUSR2
+flag that asks for one.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk, then moved over
-``last.pt`` with ``os.replace`` (atomic on POSIX): a crash or kill mid-write leaves the previous
-``last.pt`` whole. Checkpoints hold only tensors and plain containers and are read with
-``torch.load(weights_only=True)``, so loading one never runs code from the file.
+Each checkpoint is ``checkpoints/step-<step>.pt``, written to a temporary file in the same folder,
+flushed to disk, then moved into place with ``os.replace`` (atomic on POSIX): a crash, a kill or
+a full disk mid-write leaves the earlier checkpoints whole. Its SHA-256 is recorded beside it
+(``step-<step>.pt.sha256``) before it is moved into place; ``last.pt`` is a hard link to the
+newest, and all but the newest ``checkpoint.keep`` are removed once it is in place, so a damaged
+newest one (its checksum no longer matches) can be skipped for the one before. Checkpoints hold
+only tensors and plain containers and are read with ``torch.load(weights_only=True)``, so loading
+one never runs code from the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import tempfile
@@ -17,27 +23,119 @@ from typing import Any
 
 import torch
 
+from bkn.engine.disk import NoSpace, no_space_cause, no_space_message
+
 LAST = "last.pt"
+CHECKSUM_SUFFIX = ".sha256"
+HASH_CHUNK = 1 << 20
 
 
 def checkpoint_path(run_dir: Path) -> Path:
+    """The run's newest checkpoint, under the name that stays the same (a link to ``step-<step>.pt``)."""
     return run_dir / "checkpoints" / LAST
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def step_checkpoints(directory: Path) -> list[Path]:
+    """The ``step-<step>.pt`` files in ``directory``, newest first."""
+    return sorted(directory.glob("step-*.pt"), reverse=True)
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_matches(path: Path) -> bool | None:
+    """Whether ``path`` still has the SHA-256 recorded when it was written; None if none was
+    recorded (a checkpoint from before checksums, or ``resume=<a file>`` of another kind)."""
+    recorded = checksum_path(path)
+    if not recorded.exists():
+        return None
+    return recorded.read_text().split()[0] == file_sha256(path)
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _write_file(directory: Path, name: str, write: Any) -> Path:
+    """A temporary file in ``directory`` written by ``write(file)`` and flushed to disk."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(descriptor, "wb") as file:
-            torch.save(state, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return Path(temporary)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], keep: int = 1) -> Path:
+    """Write ``state`` (holding its ``step``) as ``step-<step>.pt`` in ``path``'s folder with its
+    checksum, make ``path`` (``last.pt``) a link to it, and keep the newest ``keep`` checkpoints.
+    Returns the file written. A full disk or quota raises ``NoSpace``; the earlier files stay."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    target = directory / f"step-{state['step']:08d}.pt"
+    written: list[Path] = []
+    try:
+        written.append(_write_file(directory, target.name, lambda file: torch.save(state, file)))
+        digest = file_sha256(written[0])
+        line = f"{digest}  {target.name}\n".encode()
+        written.append(_write_file(directory, checksum_path(target).name, lambda file: file.write(line)))
+        os.replace(written[1], checksum_path(target))
+        os.replace(written[0], target)
+        _link_last(directory, target)
+    except BaseException as error:
+        for temporary in written:
+            temporary.unlink(missing_ok=True)
+        cause = no_space_cause(error)
+        if cause is not None:
+            raise NoSpace(no_space_message(directory, _tensor_bytes(state), cause)) from error
+        raise
+    for old in step_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
+    return target
+
+
+def _link_last(directory: Path, target: Path) -> None:
+    """Make ``last.pt`` in ``directory`` a hard link to ``target``, atomically."""
+    link = directory / f".{LAST}.link.tmp"
+    link.unlink(missing_ok=True)
+    os.link(target, link)
+    os.replace(link, directory / LAST)
+
+
+def drop_checkpoints_after(directory: Path, step: int | None) -> None:
+    """Remove the checkpoints of an earlier attempt made after ``step`` (all of them for a run
+    started over, ``step`` None), so that resume=auto never picks one of another history."""
+    for path in step_checkpoints(directory):
+        if step is None or int(path.stem.removeprefix("step-")) > step:
+            path.unlink()
+            checksum_path(path).unlink(missing_ok=True)
+    remaining = step_checkpoints(directory)
+    if remaining:
+        _link_last(directory, remaining[0])
+    elif step is None:  # a last.pt from before step files is kept while its run continues
+        (directory / LAST).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

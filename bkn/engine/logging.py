@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from bkn.engine.disk import NoSpace, no_space_cause, no_space_message
 from bkn.engine.records import RunRecord, redact
 
 log = logging.getLogger("bkn")
@@ -34,6 +35,7 @@ class WandbLogger:
     def __init__(self, settings: dict[str, Any], *, run_dir: Path, name: str, group: str, job_type: str,
                  tags: list[str], config: dict[str, Any]) -> None:
         self.run: Any = None
+        self.directory = run_dir / "wandb"
         # wandb sends its own crash reports to sentry.io; that is not ours to send (nor to wait for offline).
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         try:
@@ -49,10 +51,13 @@ class WandbLogger:
                 dir=str(run_dir), mode=settings["mode"], config=redact(config),
                 settings=wandb.Settings(init_timeout=settings["init_timeout_s"]),
             )
-        except Exception as error:  # W&B must never stop training
+        except Exception as error:  # W&B never stops training, unless the disk is full (_disable)
             self._disable("init", error)
 
     def _disable(self, action: str, error: Exception) -> None:
+        cause = no_space_cause(error)
+        if cause is not None:  # W&B's offline files are part of the run record: a full disk stops the run
+            raise NoSpace(no_space_message(self.directory, None, cause)) from error
         log.warning("W&B %s failed (%s: %s); W&B logging is off for this run, training continues with the "
                     "local run record", action, type(error).__name__, error)
         self.run = None
@@ -111,6 +116,15 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+class RunLogFile(logging.FileHandler):
+    """``train.log``. A line that cannot be written for lack of space is dropped without logging's
+    traceback on stderr: the run's next write of its record stops it with one line (``NoSpace``)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if no_space_cause(sys.exc_info()[1]) is None:
+            super().handleError(record)
+
+
 class RunLogger:
     """Sends every train / eval line to the run record, W&B and the console (main rank only)."""
 
@@ -123,7 +137,7 @@ class RunLogger:
         self.bar = ProgressBar(self.eta, stream) if interactive else None
         self.file_handler: logging.Handler | None = None
         if enabled:  # the same lines as the console's, kept with the run record
-            self.file_handler = logging.FileHandler(record.log_path)
+            self.file_handler = RunLogFile(record.log_path)
             self.file_handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             log.addHandler(self.file_handler)
 
@@ -164,7 +178,11 @@ class RunLogger:
                 self.bar.close()
             log.info("checkpoint at step %d/%d: %s", step, self.total_steps, path)
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, error: str | None = None) -> None:
+        """End the run's logging; ``error`` (why it failed, the line train.py prints on the console)
+        goes into train.log too."""
+        if error is not None and self.file_handler is not None:
+            self.file_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (error,), None))
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:

@@ -158,7 +158,7 @@ def save(session: Session, path: Path) -> None:
     """Checkpoint on every rank's behalf (the main rank writes) and wait until it is on disk."""
     state = session.checkpoint_state()
     if session.plan.world.is_main:
-        save_checkpoint(path, state)
+        save_checkpoint(path, state, keep=session.cfg.checkpoint.keep)
     session.collective.barrier()
     session.last_checkpoint_step = session.step
 

@@ -2,9 +2,10 @@
 
 ``<out_dir>/<experiment_name>/<run_name>/config.yaml`` (the resolved config), ``metrics.jsonl`` (one
 JSON object per line: train and eval lines), ``summary.json`` (the run's settings, status and final
-accuracies, rewritten at every evaluation) and ``checkpoints/last.pt``.
+accuracies, rewritten at every evaluation; a failed run's ``error`` line) and ``checkpoints/``.
 
-Only the main rank writes. Files are strict JSON: a non-finite number is written as ``null``.
+Only the main rank writes. A write that fails for lack of space raises ``NoSpace`` and leaves the
+file it was writing as it was. Files are strict JSON: a non-finite number is written as ``null``.
 Values under keys that look like credentials are replaced before anything is written.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bkn.engine.disk import NoSpace, no_space_cause, no_space_message
 
 SECRET_KEY = re.compile(r"api[_-]?key|token|secret|password|credential", re.IGNORECASE)
 REDACTED = "<redacted>"
@@ -42,10 +45,30 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
+def error_line(error: BaseException) -> str:
+    """The error's message on one line; for one re-raised from a DataLoader worker (whose message
+    is the worker's traceback), the original message, its last line. An error without a message
+    is named by its type."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return text.splitlines()[-1].removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+
+
+def _no_space(path: Path, needed_bytes: int, error: OSError) -> OSError | NoSpace:
+    """``NoSpace`` naming ``path``'s folder if ``error`` is a full disk or quota, else ``error``."""
+    cause = no_space_cause(error)
+    return error if cause is None else NoSpace(no_space_message(path.parent, needed_bytes, cause))
+
+
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)  # the file it would replace stays as it was
+        raise _no_space(path, len(text.encode()), error) from error
 
 
 class RunRecord:
@@ -76,9 +99,19 @@ class RunRecord:
             _write_atomically(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def append(self, line: dict[str, Any]) -> None:
-        if self.writable:
-            with open(self.metrics_path, "a") as file:
-                file.write(json.dumps(_strict_json(line), allow_nan=False) + "\n")
+        """Append one line; a write that fails (a full disk) leaves the file as it was, no half line."""
+        if not self.writable:
+            return
+        data = (json.dumps(_strict_json(line), allow_nan=False) + "\n").encode()
+        with open(self.metrics_path, "ab", buffering=0) as file:  # unbuffered: nothing left to fail at close
+            size = os.fstat(file.fileno()).st_size
+            try:
+                unwritten = memoryview(data)
+                while unwritten:
+                    unwritten = unwritten[file.write(unwritten):]
+            except OSError as error:
+                os.ftruncate(file.fileno(), size)
+                raise _no_space(self.metrics_path, len(data), error) from error
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.writable:

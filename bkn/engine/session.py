@@ -72,6 +72,7 @@ class Session:
     test_loader: DataLoader | None  # main rank only
     num_classes: int
     num_parameters: int
+    data_files: dict[str, Any] | None = None  # Datasets.files: what a resumed run must find unchanged
     step: int = 0  # optimizer steps done
     skipped_steps: int = 0
     train_seconds: float = 0.0  # in training steps (not evaluation), over every attempt of the run
@@ -97,6 +98,7 @@ class Session:
             "settings": run_settings(self.cfg),  # what resume=<this file> must match
             "step": self.step,
             "data": self.batches.position(),
+            "data_files": self.data_files,
             "skipped_steps": self.skipped_steps,
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_seconds(),
@@ -141,7 +143,8 @@ def build_session(cfg: DictConfig, plan: Plan, collective: Collective, checkpoin
         test_loader = build_loader(datasets.test, plan.eval_batch_size, train=False,
                                    num_workers=num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
     session = Session(cfg, plan, device, collective, model, model, None, optimizer, scaler, batches, test_loader,
-                      datasets.num_classes, sum(parameter.numel() for parameter in model.parameters()))
+                      datasets.num_classes, sum(parameter.numel() for parameter in model.parameters()),
+                      datasets.files)
     if checkpoint is not None:
         _restore(session, checkpoint)
     else:
