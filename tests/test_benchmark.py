@@ -404,8 +404,10 @@ def test_profile_names_where_our_bn_differs_from_torchs(tmp_path: Path) -> None:
     assert float(rows["bn_groups"][8].rstrip(" |")) == pytest.approx(aten_calls["bn_groups"] / aten_calls["torch_bn"],
                                                                      abs=5e-3)
     differences = text.split("## bn_groups:")[1]
-    # torch's BN runs its fused training kernel; ours the statistics kernel and the normalization apart.
-    assert "`aten::native_batch_norm`" in differences and "`aten::batch_norm_gather_stats" not in differences
+    assert differences.count("\n| `aten::") == 12  # the 12 ops whose time differs most (a noisy ranking)
+    # torch's BN runs its fused training kernel; ours the statistics kernel and the normalization apart,
+    # the running statistics' update and the grouped affine parameters: more kinds of op, none of CUDA's.
+    assert int(rows["bn_groups"][1]) > int(rows["torch_bn"][1]) and "batch_norm_gather_stats" not in differences
 
 
 @pytest.mark.slow
