@@ -18,17 +18,18 @@ import bkn.nn as N
 CHANNELS, STATISTICS = 4, 2
 
 
-def conv_and_cbn(**options) -> tuple[nn.Conv2d, N.CrossIterationNorm2d]:
+def conv_and_cbn(conv_groups: int = 1, **options) -> tuple[nn.Conv2d, N.CrossIterationNorm2d]:
+    """A conv from 3 channels (from 4 in ``conv_groups``) and its CBN layer."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, CHANNELS, 3, padding=1, bias=False).double()
+    conv = nn.Conv2d(3 if conv_groups == 1 else 4, CHANNELS, 3, padding=1, bias=False, groups=conv_groups).double()
     norm = N.build_norm("cbn", CHANNELS, statistics_batch_size=STATISTICS, **options).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
     return conv, norm
 
 
-def batch(seed: int, size: int = 6) -> torch.Tensor:
-    return torch.randn(size, 3, 5, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+def batch(seed: int, size: int = 6, channels: int = 3) -> torch.Tensor:
+    return torch.randn(size, channels, 5, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
 
 
 def group_moments(y: torch.Tensor, groups: int) -> torch.Tensor:
@@ -57,21 +58,24 @@ def test_compensation_error_is_second_order_in_the_weight_change() -> None:
     assert all(error < 0.1 * plain for error, plain in zip(errors, uncompensated))
 
 
-def test_window_average_and_gradients_follow_the_papers_formulas() -> None:
+# A plain conv: the weight gradients from its saved input; a grouped one: a batched backward.
+@pytest.mark.parametrize("conv_groups", [1, 2])
+def test_window_average_and_gradients_follow_the_papers_formulas(conv_groups: int) -> None:
     window, rho = 3, 0.7
-    conv, norm = conv_and_cbn(window=window, burn_in=0, rho=rho)
+    conv, norm = conv_and_cbn(conv_groups, window=window, burn_in=0, rho=rho)
+    channels = conv.in_channels
     optimizer = torch.optim.SGD(conv.parameters(), lr=0.05)
     groups = 3
     seen = []  # (input, conv weight) of each iteration
     for seed in range(3):
-        x = batch(seed)
+        x = batch(seed, channels=channels)
         seen.append((x, conv.weight.detach().clone()))
         y = norm(conv(x), conv)
         optimizer.zero_grad()
         (y ** 3).sum().backward()
         optimizer.step()
 
-    x = batch(10).requires_grad_()
+    x = batch(10, channels=channels).requires_grad_()
     optimizer.zero_grad()
     reference_conv = copy.deepcopy(conv)
     y = norm(conv(x), conv)
@@ -83,7 +87,7 @@ def test_window_average_and_gradients_follow_the_papers_formulas() -> None:
     entries = [current]
     for past_x, past_weight in seen[-(window - 1):]:
         weight = past_weight.clone().requires_grad_()
-        moments = group_moments(nn.functional.conv2d(past_x, weight, padding=1), groups)
+        moments = group_moments(nn.functional.conv2d(past_x, weight, padding=1, groups=conv_groups), groups)
         taylor = torch.zeros_like(moments)
         for s in range(2):
             for g in range(groups):
@@ -193,3 +197,15 @@ def test_a_converted_model_links_the_conv_that_feeds_each_layer() -> None:
 def test_bad_settings_are_refused(option: str, value: int) -> None:
     with pytest.raises(ValueError, match=f"CBN needs {option} >= "):
         N.build_norm("cbn", 4, **{option: value})
+
+
+def test_the_plain_conv_shortcut_equals_the_batched_backward() -> None:
+    conv, norm = conv_and_cbn()
+    x = conv(batch(0))
+    grouped = x.reshape(2, 3, CHANNELS, -1)  # 6 examples, statistics groups of 2: G = 3, example n in group n % 3
+    var, mean = torch.var_mean(grouped, dim=(0, 3), correction=0)
+    current = torch.stack([mean, var + mean * mean])
+    direct = norm._weight_gradients(current, x, conv.weight)  # x's node is the conv: its saved input
+    through_graph = norm._weight_gradients(current, x * 1, conv.weight)  # a multiply in between: autograd
+    assert type(x.grad_fn).__name__ == "ConvolutionBackward0" and type((x * 1).grad_fn).__name__ != "ConvolutionBackward0"
+    torch.testing.assert_close(direct, through_graph, rtol=1e-10, atol=1e-12)

@@ -5,7 +5,7 @@ At micro-batches CBN normalizes with statistics averaged over the current batch 
 batches before it. The past statistics were measured with the conv weights of their iteration, so
 each is first moved to the current weights by a first-order Taylor term, ``stat + rho *
 d(stat)/dW * (W_now - W_then)``, where ``W`` is the weight of the conv that feeds the layer and
-``d(stat)/dW`` was taken (by autograd) when the statistic was measured. Like the official layer
+``d(stat)/dW`` was taken when the statistic was measured (the conv's weight gradient). Like the official layer
 (Howal/Cross-iterationBatchNorm, ``mmdet/models/utils/CBN.py``) it keeps per channel the mean and
 the second moment ``E[y^2]``, no gradient flows through past statistics, the running statistics
 come from the current batch alone, and a burn-in of plain BN comes first. Where that code departs
@@ -111,7 +111,7 @@ class CrossIterationNorm2d(_GroupedNorm):
             grouped = BF.cast(x, BF.statistics_dtype(x.dtype)).reshape(x.shape[0] // groups, groups, x.shape[1], -1)
             var, mean = torch.var_mean(grouped, dim=(0, 3), correction=0)
             current = torch.stack([mean, var + mean * mean])  # (2, G, C)
-            gradients = self._weight_gradients(current, conv.weight)
+            gradients = self._weight_gradients(current, x, conv.weight)
             stored = self._window_matches(current, conv.weight)
             entries = current[None] if not stored else torch.cat([current[None], self.compensated(conv.weight)])
             window_mean = entries[:, 0].mean(0)
@@ -121,15 +121,41 @@ class CrossIterationNorm2d(_GroupedNorm):
         self._store(current.detach(), gradients, conv.weight.detach(), stored)
         return BF.normalize(x, window_mean, window_var, self.weight, self.bias, self.eps)
 
-    def _weight_gradients(self, current: Tensor, weight: Tensor) -> Tensor:
-        """``d(current[s, g, c]) / d(weight[c])`` for every statistic ``s`` and group ``g``: one batched
-        backward through the conv (channel ``c`` of its output depends on ``weight[c]`` alone, so
-        summing over channels keeps them apart)."""
+    def _weight_gradients(self, current: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+        """``d(current[s, g, c]) / d(weight[c])`` for every statistic ``s`` (mean, second moment) and
+        group ``g``, shape ``(2, G, C, C_in / groups, kh, kw)``.
+
+        Where ``x`` is the output of a plain conv (its autograd node holds the conv's input), directly:
+        ``d mean / dW = E_g[patch]`` and ``d E[y^2] / dW = 2 E_g[y * patch]`` are the conv's weight
+        gradient for those output gradients, and one weight gradient of a conv with ``G`` weight groups
+        (the statistics groups side by side on channels) gives every group's at once. Otherwise (a
+        grouped or transposed conv, ops between the conv and the layer) one batched backward through
+        the graph: ``2 G`` backwards of the whole batch, as many times the cost."""
+        node = x.grad_fn
+        if (type(node).__name__ == "ConvolutionBackward0" and node._saved_groups == 1 and not node._saved_transposed
+                and all(isinstance(p, int) for p in node._saved_padding)):
+            return self._plain_conv_weight_gradients(node, x, weight.shape)
         rows = current.shape[0] * current.shape[1]
         selectors = torch.eye(rows, dtype=current.dtype, device=current.device)
         selectors = selectors.view(rows, *current.shape[:2], 1).expand(rows, *current.shape)
         (gradients,) = torch.autograd.grad(current, weight, selectors, retain_graph=True, is_grads_batched=True)
         return gradients.view(*current.shape, *weight.shape[1:]).to(current.dtype)
+
+    def _plain_conv_weight_gradients(self, node: Any, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        """:meth:`_weight_gradients` for a plain conv whose input ``node`` saved: example ``n`` of
+        group ``g = n % G`` becomes channels ``g`` of a ``(N / G, G * C_in, H, W)`` input, and the two
+        statistics' output gradients channels ``g`` of ``(N / G, G * 2C, H', W')``."""
+        dtype = BF.statistics_dtype(x.dtype)
+        conv_input = BF.cast(node._saved_input.detach(), dtype)
+        groups = BF.num_groups(x.shape[0], self.statistics_batch_size)
+        output = BF.cast(x.detach(), dtype).reshape(x.shape[0] // groups, groups, x.shape[1], *x.shape[2:])
+        count = output.shape[0] * output[0, 0, 0].numel()  # values per channel per group
+        output_gradients = torch.cat([torch.full_like(output, 1 / count), output * (2 / count)], dim=2)
+        gradients = torch.nn.grad.conv2d_weight(
+            conv_input.reshape(output.shape[0], groups * conv_input.shape[1], *conv_input.shape[2:]),
+            (groups * 2 * weight_shape[0], *weight_shape[1:]), output_gradients.flatten(1, 2),
+            stride=node._saved_stride, padding=node._saved_padding, dilation=node._saved_dilation, groups=groups)
+        return gradients.view(groups, 2, *weight_shape).transpose(0, 1)
 
     def _window_matches(self, current: Tensor, weight: Tensor) -> bool:
         """Whether stored iterations exist for this batch's groups and this conv's weight shape (a
