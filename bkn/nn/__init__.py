@@ -4,11 +4,10 @@ the Sequential that chains it, and the conversions: any model's BatchNorms to ou
 (convert_batchnorm; with BKN, the context that passes its estimate along), and a trained model's
 layers back to torch.nn.BatchNorm for deployment."""
 
-from bkn.nn.blocks import ConvNormAct, NormSpec, Sequential, apply_norm, norm_options
+from bkn.nn.blocks import ConvNormAct, NormSpec, Sequential, activation_after, apply_norm, norm_options
 from bkn.nn.context import KalmanContext
 from bkn.nn.convert import convert_batchnorm, to_torch_batchnorm
 from bkn.nn.cross_iteration import CrossIterationNorm2d
-from bkn.nn.norm_act import EvoNorm2dS0, FilterResponseNorm2d, activation_after
 from bkn.nn.norms import (
     NORMALIZERS,
     BatchNorm1d,
@@ -31,3 +30,11 @@ __all__ = [
     "State", "activation_after", "add_states", "apply_norm", "build_norm", "concat_states", "convert_batchnorm", "norm_options", "pad_channels",
     "set_inference", "set_step", "to_torch_batchnorm",
 ]
+
+
+def __getattr__(name: str) -> type:
+    """FRN and EvoNorm-S0 are imported on first use: their module imports timm, which takes seconds."""
+    if name in ("FilterResponseNorm2d", "EvoNorm2dS0"):
+        from bkn.nn import norm_act
+        return getattr(norm_act, name)
+    raise AttributeError(f"module 'bkn.nn' has no attribute {name!r}")

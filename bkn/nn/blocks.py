@@ -14,7 +14,6 @@ from typing import Any, Mapping, Union
 
 from torch import Tensor, nn
 
-from bkn.nn.norm_act import activation_after
 from bkn.nn.norms import build_norm
 from bkn.nn.state import State
 
@@ -39,6 +38,14 @@ def apply_norm(norm: nn.Module, y: Tensor, state: State, conv: nn.Conv2d | None)
     if getattr(norm, "uses_conv", False):
         return norm(y, conv), None
     return norm(y), None
+
+
+def activation_after(norm: nn.Module) -> nn.Module:
+    """The ReLU a network applies after ``norm``: none (``nn.Identity``) where ``norm`` applies its
+    own activation in its place (FRN + TLU, EvoNorm-S0 built with ``apply_act``)."""
+    if getattr(norm, "fuses_activation", False) and norm.apply_act:
+        return nn.Identity()
+    return nn.ReLU(inplace=True)
 
 
 class ConvNormAct(nn.Module):

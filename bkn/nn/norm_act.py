@@ -6,19 +6,31 @@ the subclasses here only give it the interface of our other normalizers (``stati
 accepted and ignored: the statistics are per example) and, for EvoNorm-S0, the group count that
 fits any width. Both replace a norm *and* the ReLU after it, as timm builds its own FRN / EvoNorm
 networks: where a ReLU follows, the layer is built with its activation (``apply_act=True``) and the
-network drops its ReLU (:func:`activation_after`); where none follows (the last norm of a residual
+network drops its ReLU (:func:`bkn.nn.activation_after`); where none follows (the last norm of a residual
 branch, a projection shortcut) it is built without (``apply_act=False``): FRN without its TLU, and
 for EvoNorm-S0 timm's affine-only layer (docs/normalizers.md).
 """
 
 from __future__ import annotations
 
+import warnings
+from types import ModuleType
 from typing import Any
 
-from timm import layers as timm_layers
-from torch import nn
-
 from bkn.nn.norms import NORMALIZERS
+
+
+def import_timm() -> ModuleType:
+    """``import timm``, without the warning timm 1.0.22 raises on import (it uses
+    ``torch.jit.interface``, deprecated in torch 2.14). Importing timm takes seconds, so this
+    module is imported only when an FRN or EvoNorm-S0 layer is first built (bkn.nn.build_norm)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.interface` is deprecated", FutureWarning)
+        import timm
+    return timm
+
+
+timm_layers = import_timm().layers
 
 
 class FilterResponseNorm2d(timm_layers.FilterResponseNormTlu2d):
@@ -51,14 +63,6 @@ class EvoNorm2dS0(timm_layers.EvoNorm2dS0):
         super().__init__(num_features, groups=fitting, **timm_options)  # group_size, apply_act, eps
         self.num_features = num_features
         self.statistics_batch_size = statistics_batch_size  # kept for the same interface; unused
-
-
-def activation_after(norm: nn.Module) -> nn.Module:
-    """The ReLU a network applies after ``norm``: none (``nn.Identity``) where ``norm`` applies its
-    own activation in its place (FRN + TLU, EvoNorm-S0 built with ``apply_act``)."""
-    if getattr(norm, "fuses_activation", False) and norm.apply_act:
-        return nn.Identity()
-    return nn.ReLU(inplace=True)
 
 
 NORMALIZERS.update({"frn": FilterResponseNorm2d, "evonorm_s0": EvoNorm2dS0})
