@@ -106,7 +106,7 @@ fig8: setup  ## Figure 8: batch vs moving variance heat maps after training
 paper: table1 table2 table3 fig3 fig4 fig5 fig6 fig7 fig8  ## every table and figure (SCALE=smoke: ~10 min on 2 CPU cores)
 
 PART ?= all
-study: setup $(if $(filter fashion%,$(PART)),data-fashion)  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16_s1_seed0..2|g8_s2_seed0..2|hard_g64|hard_g32_s1|state|stall|robustness_<model>_seed0..1|robustness|all; Fashion-MNIST: PART=fashion_quick|fashion_{baseline,g16_s1,g8_s2}_seed0..2|fashion_all; <= ~75 min a part, quick ~10)
+study: setup $(if $(filter fashion%,$(PART)),data-fashion)  ## the CPU study -> results/study/ (PART=quick|baseline|g32_s2|g16_s1_seed0..2|g8_s2_seed0..2|hard_g64|hard_g32_s1|state|stall|robustness_<model>_seed0..1|robustness|all; Fashion-MNIST: PART=fashion_quick|fashion_{baseline,g16_s1,g8_s2}_seed0..2|fashion_all|fashion_peers_{baseline,g16_s1,g8_s2}_seed0..2|fashion_peers; <= ~75 min a part, quick ~10)
 	$(PY) scripts/study.py $(PART) $(ARGS)
 	$(PY) scripts/study_report.py
 

@@ -133,7 +133,9 @@ class Layout:
 
 
 MODEL_NAMES = {"inception_v2": "InceptionV2", "resnet101": "ResNet101", "cifar_net": "CIFAR net"}
-NORMALIZER_NAMES = {"bn": "BN", "brn": "BRN", "bkn": "BKN", "gn": "GN (ours, not in the paper)"}
+NORMALIZER_NAMES = {"bn": "BN", "brn": "BRN", "bkn": "BKN", "gn": "GN (ours, not in the paper)",
+                    "frn": "FRN + TLU (not in the paper)", "evonorm_s0": "EvoNorm-S0 (not in the paper)",
+                    "cbn": "CBN (not in the paper)"}
 IMAGENET_MODELS = ("inception_v2", "resnet101")
 ALL_NORMALIZERS = ("bn", "brn", "bkn", "gn")  # figures 3-7; GN is our addition, so it has no paper values
 # GN's statistics are per example: its option A (batch statistics) is its option B.

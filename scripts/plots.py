@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-COLORS = {"bn": "tab:blue", "brn": "tab:orange", "bkn": "tab:green", "gn": "tab:purple"}
+COLORS = {"bn": "tab:blue", "brn": "tab:orange", "bkn": "tab:green", "gn": "tab:purple", "frn": "tab:brown",
+          "evonorm_s0": "tab:pink", "cbn": "tab:cyan"}
 # BKN's transitions, for the study that compares them: shades of BKN's green.
 TRANSITION_COLORS = {"analytic": "tab:green", "monte_carlo": "darkgreen", "linear": "yellowgreen",
                      "linear-no_propagation": "olive", "linear-learned_gain": "lime",

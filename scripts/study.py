@@ -36,6 +36,10 @@ Fashion-MNIST (``make data-fashion`` installs it; configs/experiment/study_fashi
     fashion_g16_s1_seed0..2        (16, 1), the same five
     fashion_g8_s2_seed0..2         (8, 2), the same five
     fashion_all                    the nine, one after the other
+    fashion_peers_{baseline,g16_s1,g8_s2}_seed0..2
+                                   the same setting and seed with FRN + TLU, EvoNorm-S0 and CBN (their
+                                   defaults): three of a grid part's five runs (not yet run)
+    fashion_peers                  those nine, one after the other
 
 Its design, for a 2-core CPU (two one-thread runs at a time): the pre-activation ResNet of depth 8
 (one block a stage: 75,002 parameters with BN, 9.1 M MACs an image), a fixed stratified subset of
@@ -156,6 +160,9 @@ QUICK = {name: CORE[name] for name in ("bn", "brn", "gn", "bkn-linear", "bkn-mon
 # Fashion-MNIST: BKN as configured by default (configs/normalizer/bkn.yaml) and the authors' exact BKN.
 FASHION = {"bn": CORE["bn"], "brn": CORE["brn"], "gn": CORE["gn"], "bkn": ["normalizer=bkn"],
            "bkn-monte_carlo-state_input": CORE["bkn-monte_carlo-state_input"]}
+# The micro-batch normalizers published since the paper, each with its default configuration
+# (configs/normalizer/): FRN + TLU, EvoNorm-S0 and Cross-Iteration BN, at the grid's settings.
+FASHION_PEERS = {"frn": ["normalizer=frn"], "evonorm_s0": ["normalizer=evonorm_s0"], "cbn": ["normalizer=cbn"]}
 FASHION_LARGE, FASHION_MICRO = (128, 128), ((16, 1), (8, 2))  # (gradient, statistics)
 FASHION_EPOCHS = 22  # of configs/experiment/study_fashion.yaml's 20,000 training images (the docstring says why)
 
@@ -217,10 +224,17 @@ PARTS = {
                                           data="fashion_mnist", config="study_fashion", eval_every_epochs=3)
        for name, setting in (("baseline", FASHION_LARGE), ("g16_s1", FASHION_MICRO[0]), ("g8_s2", FASHION_MICRO[1]))
        for seed in (0, 1, 2)},
+    # The peers, in the grid's experiment with its recipe: three of the five runs of a grid part.
+    **{f"fashion_peers_{name}_seed{seed}": Part("study_fashion", (setting,), FASHION_PEERS, (seed,), FASHION_EPOCHS,
+                                                data="fashion_mnist", config="study_fashion", eval_every_epochs=3)
+       for name, setting in (("baseline", FASHION_LARGE), ("g16_s1", FASHION_MICRO[0]), ("g8_s2", FASHION_MICRO[1]))
+       for seed in (0, 1, 2)},
 }
-# What all runs: every part but the quick ones, the speed rerun and Fashion-MNIST's (fashion_all).
+# What all runs: every part but the quick ones, the speed rerun and Fashion-MNIST's (fashion_all, fashion_peers).
 DIGITS_PARTS = [name for name in PARTS if name not in ("quick", "speed_g8_s2_seed0") and not name.startswith("fashion")]
-FASHION_PARTS = [name for name in PARTS if name.startswith("fashion") and name != "fashion_quick"]  # fashion_all
+PEER_PARTS = [name for name in PARTS if name.startswith("fashion_peers_")]  # fashion_peers
+FASHION_PARTS = [name for name in PARTS if name.startswith("fashion") and name != "fashion_quick"
+                 and name not in PEER_PARTS]  # fashion_all
 
 
 @dataclass(frozen=True)
@@ -306,7 +320,7 @@ def train(spec: RunSpec, logs: Path) -> tuple[str, int, float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=[*PARTS, "robustness", "all", "fashion_all"],
+    parser.add_argument("part", choices=[*PARTS, "robustness", "all", "fashion_all", "fashion_peers"],
                         help="which part of the study to run")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/study"), help="default runs/study")
     parser.add_argument("--workers", type=int, default=2, help="train.py processes at a time (default 2)")
@@ -314,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    groups = {"all": DIGITS_PARTS, "fashion_all": FASHION_PARTS,
+    groups = {"all": DIGITS_PARTS, "fashion_all": FASHION_PARTS, "fashion_peers": PEER_PARTS,
               "robustness": [part for part in PARTS if part.startswith("robustness_")]}
     for part_name in groups.get(args.part, [args.part]):
         run_part(part_name, args.runs_dir.resolve(), args.workers, args.dry_run)

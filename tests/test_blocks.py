@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bkn.nn import NORMALIZERS, ConvNormAct, KalmanState, Sequential, build_norm
+from bkn.nn.norms import TIMM_NORMALIZERS
 
 BKN = {"name": "bkn", "statistics_batch_size": 2, "transition": "analytic", "gain": 0.1, "gain_warmup": 0}
 
@@ -47,7 +48,7 @@ def test_kalman_state_prints_as_one_short_line() -> None:
     assert repr(state) == str(state) and "\n" not in str([state])
 
 
-@pytest.mark.parametrize("name", sorted(NORMALIZERS))
+@pytest.mark.parametrize("name", sorted({*NORMALIZERS, *TIMM_NORMALIZERS}))  # timm's register when first built
 def test_build_norm_lists_the_options_the_layer_accepts(name: str) -> None:
     with pytest.raises(ValueError, match=r"its options are \[(.*)\]") as error:
         build_norm(name, 4, no_such_option=1)

@@ -16,6 +16,7 @@ from bkn.config import ConfigError, Plan, World, compile_modes, defined_keys, ru
 from bkn.data import BUILDERS
 from bkn.models import list_models
 from bkn.nn import NORMALIZERS
+from bkn.nn.norms import TIMM_NORMALIZERS
 from training_helpers import CONFIG_DIR, compose_config, run_train_main
 
 NORMALIZER_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "normalizer").glob("*.yaml"))
@@ -41,7 +42,7 @@ def test_every_combination_composes() -> None:
                 OmegaConf.resolve(cfg)  # every interpolation resolves
                 nodes[group, option] = cfg[group]
     assert {nodes["model", m].name for m in MODEL_CONFIGS} == set(MODEL_CONFIGS)
-    assert {nodes["normalizer", n].name for n in NORMALIZER_CONFIGS} == set(NORMALIZERS)
+    assert {nodes["normalizer", n].name for n in NORMALIZER_CONFIGS} == {*NORMALIZERS, *TIMM_NORMALIZERS}
     assert {nodes["data", d].name for d in DATA_CONFIGS} == set(BUILDERS)
     run_names = set()
     for model, normalizer, data in itertools.product(MODEL_CONFIGS, NORMALIZER_CONFIGS, DATA_CONFIGS):

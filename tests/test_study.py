@@ -113,14 +113,30 @@ def test_the_speed_rerun_is_g8_s2_seed0_as_configured_then(tmp_path: Path) -> No
 
 
 def test_all_runs_the_digits_parts_and_fashion_all_the_fashion_grid() -> None:
-    assert (set(study.DIGITS_PARTS) | set(study.FASHION_PARTS) | {"quick", "fashion_quick", "speed_g8_s2_seed0"}
-            == set(study.PARTS))
-    assert not set(study.DIGITS_PARTS) & set(study.FASHION_PARTS)
+    assert (set(study.DIGITS_PARTS) | set(study.FASHION_PARTS) | set(study.PEER_PARTS)
+            | {"quick", "fashion_quick", "speed_g8_s2_seed0"} == set(study.PARTS))
+    assert not set(study.DIGITS_PARTS) & set(study.FASHION_PARTS) and not set(study.FASHION_PARTS) & set(study.PEER_PARTS)
     grid = {(s, v, seed) for name in study.FASHION_PARTS for part in [study.PARTS[name]]
             for s in part.settings for v in part.variants for seed in part.seeds}
     assert len(grid) == 3 * len(study.FASHION) * 3  # 3 settings x the variants x 3 seeds, each once
     assert {part.settings[0] for name in study.FASHION_PARTS for part in [study.PARTS[name]]} == \
         {study.FASHION_LARGE, *study.FASHION_MICRO}
+
+
+def test_fashion_peers_are_the_grids_recipe_with_frn_evonorm_and_cbn(tmp_path: Path) -> None:
+    peers = {(s, v, seed) for name in study.PEER_PARTS for part in [study.PARTS[name]]
+             for s in part.settings for v in part.variants for seed in part.seeds}
+    assert len(peers) == 27 and {v for _, v, _ in peers} == {"frn", "evonorm_s0", "cbn"}
+    for setting in ("baseline", "g16_s1", "g8_s2"):
+        for seed in (0, 1, 2):
+            grid = study.run_specs(study.PARTS[f"fashion_{setting}_seed{seed}"], tmp_path)
+            bn = next(spec for spec in grid if spec.name.endswith(f"_bn_seed{seed}"))
+            for spec in study.run_specs(study.PARTS[f"fashion_peers_{setting}_seed{seed}"], tmp_path):
+                variant = spec.name.split("_", 2)[-1].rsplit("_seed", 1)[0]
+                # the same recipe, experiment and seed as the grid's BN run: only the normalizer differs
+                assert [o for o in spec.overrides if not o.startswith(("normalizer", "run_name"))] == \
+                    [o for o in bn.overrides if not o.startswith(("normalizer", "run_name"))]
+                assert f"normalizer={variant}" in spec.overrides
 
 
 def test_finished_runs_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str],

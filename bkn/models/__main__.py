@@ -1,5 +1,5 @@
-"""``python -m bkn.models NAME [--norm bn|brn|gn|bkn|all] [--depth 6n+2]``: parameters and MACs, BN vs BRN
-vs GN vs BKN."""
+"""``python -m bkn.models NAME [--norm bn|brn|gn|bkn|frn|evonorm_s0|cbn|all] [--depth 6n+2]``: parameters
+and MACs, one row per normalizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bkn.models", description=__doc__)
     parser.add_argument("name", choices=[*PAPER_MODELS, "all"], help="a model, or all of them")
     parser.add_argument("--depth", type=int, default=32, help="preact_resnet's depth 6n + 2 (default 32)")
-    parser.add_argument("--norm", choices=["bn", "brn", "gn", "bkn", "all"], default="all")
+    parser.add_argument("--norm", choices=["bn", "brn", "gn", "bkn", "frn", "evonorm_s0", "cbn", "all"], default="all")
     parser.add_argument("--image-size", type=int, help="default: the paper's (224 ImageNet, 32 CIFAR)")
     parser.add_argument("--num-classes", type=int, help="default: the paper's (1000 ImageNet, 10 CIFAR)")
     args = parser.parse_args(argv)

@@ -14,17 +14,17 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from bkn.nn import (NORMALIZERS, ConvNormAct, KalmanNorm2d, NormSpec, State, apply_norm, build_norm,
-                    concat_states, norm_options)
+from bkn.nn import (NORMALIZERS, ConvNormAct, KalmanNorm2d, NormSpec, State, activation_after, apply_norm,
+                    build_norm, concat_states, norm_options)
 
 
 class NormAct(nn.Module):
-    """norm -> ReLU on a tensor whose state is already known: pre-activation ResNets."""
+    """norm -> ReLU (or one layer that is both) on a tensor whose state is already known: pre-activation ResNets."""
 
     def __init__(self, channels: int, norm: NormSpec) -> None:
         super().__init__()
         self.norm = build_norm(num_features=channels, in_features=channels, **norm_options(norm))
-        self.act = nn.ReLU(inplace=True)
+        self.act = activation_after(self.norm)
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
         y, state = apply_norm(self.norm, x, state, conv=None)

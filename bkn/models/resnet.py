@@ -17,22 +17,24 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from bkn.models.blocks import check_image_size, init_weights
-from bkn.nn import NormSpec, State, add_states, apply_norm, build_norm, norm_options
+from bkn.nn import NormSpec, State, activation_after, add_states, apply_norm, build_norm, norm_options
 
 TOTAL_STRIDE = 32
 
 
 def conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: NormSpec,
-              stride: int = 1) -> tuple[nn.Conv2d, nn.Module]:
+              stride: int = 1, relu_follows: bool = True) -> tuple[nn.Conv2d, nn.Module]:
+    """A conv and its norm; ``relu_follows=False`` where the norm's output goes into a residual sum."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
-    return conv, build_norm(num_features=out_channels, in_features=in_channels, **norm_options(norm))
+    return conv, build_norm(num_features=out_channels, in_features=in_channels, relu_follows=relu_follows,
+                            **norm_options(norm))
 
 
 class Downsample(nn.Sequential):
     """torchvision's ``downsample``: ``0`` a strided 1x1 conv, ``1`` its norm; no activation."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: NormSpec) -> None:
-        super().__init__(*conv_norm(in_channels, out_channels, 1, norm, stride))
+        super().__init__(*conv_norm(in_channels, out_channels, 1, norm, stride, relu_follows=False))
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
         conv, norm = self
@@ -63,14 +65,15 @@ class BasicBlock(ResidualBlock):
     def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec) -> None:
         super().__init__(in_channels, channels * self.expansion, stride, norm)
         self.conv1, self.bn1 = conv_norm(in_channels, channels, 3, norm, stride)
-        self.conv2, self.bn2 = conv_norm(channels, channels, 3, norm)
+        self.act1 = activation_after(self.bn1)
+        self.conv2, self.bn2 = conv_norm(channels, channels, 3, norm, relu_follows=False)
 
     def last_norm(self) -> nn.Module:
         return self.bn2
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
         out, branch_state = apply_norm(self.bn1, self.conv1(x), state, self.conv1)
-        out = self.relu(out)
+        out = self.act1(out)
         out, branch_state = apply_norm(self.bn2, self.conv2(out), branch_state, self.conv2)
         return self.residual_sum(x, state, out, branch_state)
 
@@ -81,17 +84,19 @@ class Bottleneck(ResidualBlock):
     def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec) -> None:
         super().__init__(in_channels, channels * self.expansion, stride, norm)
         self.conv1, self.bn1 = conv_norm(in_channels, channels, 1, norm)
+        self.act1 = activation_after(self.bn1)
         self.conv2, self.bn2 = conv_norm(channels, channels, 3, norm, stride)
-        self.conv3, self.bn3 = conv_norm(channels, channels * self.expansion, 1, norm)
+        self.act2 = activation_after(self.bn2)
+        self.conv3, self.bn3 = conv_norm(channels, channels * self.expansion, 1, norm, relu_follows=False)
 
     def last_norm(self) -> nn.Module:
         return self.bn3
 
     def forward(self, x: Tensor, state: State = None) -> tuple[Tensor, State]:
         out, branch_state = apply_norm(self.bn1, self.conv1(x), state, self.conv1)
-        out = self.relu(out)
+        out = self.act1(out)
         out, branch_state = apply_norm(self.bn2, self.conv2(out), branch_state, self.conv2)
-        out = self.relu(out)
+        out = self.act2(out)
         out, branch_state = apply_norm(self.bn3, self.conv3(out), branch_state, self.conv3)
         return self.residual_sum(x, state, out, branch_state)
 
@@ -102,7 +107,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         self.bn1 = build_norm(num_features=64, **norm_options(norm))  # the first norm: no predecessor, no in_features
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = activation_after(self.bn1)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         channels = 64
         for index, (blocks, width) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):

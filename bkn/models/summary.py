@@ -1,4 +1,4 @@
-"""Parameter and MAC counts of the models, for BN, BRN and BKN side by side.
+"""Parameter and MAC counts of the models, for every normalizer side by side.
 
 MACs (multiply-accumulates) are counted by forward hooks on every ``nn.Conv2d`` and
 ``nn.Linear`` for one image; the normalizers' own arithmetic (statistics, the Kalman update,
@@ -20,6 +20,9 @@ NORM_VARIANTS: dict[str, dict[str, Any]] = {
     "bn": {"name": "bn"},
     "brn": {"name": "brn"},
     "gn": {"name": "gn"},
+    "frn": {"name": "frn"},
+    "evonorm_s0": {"name": "evonorm_s0"},
+    "cbn": {"name": "cbn"},
     "bkn (analytic)": {"name": "bkn", "transition": "analytic"},
     "bkn (monte_carlo)": {"name": "bkn", "transition": "monte_carlo"},
     "bkn (linear)": {"name": "bkn", "transition": "linear"},

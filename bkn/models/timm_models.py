@@ -12,7 +12,6 @@ the forward ran before it (:mod:`bkn.nn.context`).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
@@ -29,9 +28,8 @@ def timm_model(num_classes: int, norm: NormSpec, image_size: int, arch: str, in_
     needed by CNNs and not used.
     """
     # Imported here, not at the top: importing timm takes seconds, which only timm runs should pay.
-    with warnings.catch_warnings():  # timm 1.0.22 uses torch.jit.interface, deprecated in torch 2.14
-        warnings.filterwarnings("ignore", "`torch.jit.interface` is deprecated", FutureWarning)
-        import timm
+    from bkn.nn.norm_act import import_timm
+    timm = import_timm()
 
     if not timm.is_model(arch):
         raise ValueError(f"model.arch={arch!r} is not a timm model; timm.list_models() lists them "

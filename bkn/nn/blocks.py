@@ -1,4 +1,4 @@
-"""ConvNormAct: conv -> norm -> activation, the one block every model is built from, and
+"""ConvNormAct: conv -> norm -> activation (or one layer that is both: FRN, EvoNorm-S0), the one block every model is built from, and
 Sequential, the container that chains such blocks.
 
 ConvNormAct owns both the conv and the norm, because BKN's ``analytic`` and ``monte_carlo``
@@ -28,13 +28,24 @@ def norm_options(norm: NormSpec) -> dict[str, Any]:
 def apply_norm(norm: nn.Module, y: Tensor, state: State, conv: nn.Conv2d | None) -> tuple[Tensor, State]:
     """Normalize ``y``, the output of ``conv`` (None: ``state`` already describes ``y``).
 
-    A BKN layer first predicts its prior from ``state`` through ``conv``; other norms (ours or
-    torch's) drop the state. Blocks whose conv and norm live under other names (torchvision's
-    ``conv1`` / ``bn1``) or whose norm comes before the conv use this rule directly.
+    A BKN layer first predicts its prior from ``state`` through ``conv``; CBN takes ``conv`` itself
+    (its statistics' compensation needs the conv's weight); other norms (ours or torch's) drop the
+    state. Blocks whose conv and norm live under other names (torchvision's ``conv1`` / ``bn1``) or
+    whose norm comes before the conv use this rule directly.
     """
     if getattr(norm, "carries_state", False):
         return norm(y, norm.predict(state, conv))
+    if getattr(norm, "uses_conv", False):
+        return norm(y, conv), None
     return norm(y), None
+
+
+def activation_after(norm: nn.Module) -> nn.Module:
+    """The ReLU a network applies after ``norm``: none (``nn.Identity``) where ``norm`` applies its
+    own activation in its place (FRN + TLU, EvoNorm-S0 built with ``apply_act``)."""
+    if getattr(norm, "fuses_activation", False) and norm.apply_act:
+        return nn.Identity()
+    return nn.ReLU(inplace=True)
 
 
 class ConvNormAct(nn.Module):
@@ -50,8 +61,8 @@ class ConvNormAct(nn.Module):
             padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, tuple) else kernel_size // 2
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
         self.norm = build_norm(num_features=out_channels, in_features=None if first else in_channels,
-                               **norm_options(norm))
-        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+                               relu_follows=act, **norm_options(norm))
+        self.act = activation_after(self.norm) if act else nn.Identity()
 
     threads_state = True  # forward takes and returns (x, state): Sequential passes the state on
 

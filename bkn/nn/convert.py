@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bkn.nn.blocks import NormSpec, norm_options
 from bkn.nn.context import ContextLink, KalmanContext
+from bkn.nn.cross_iteration import CrossIterationNorm2d, FeedingConv
 from bkn.nn.norms import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
                           GroupNorm2d, KalmanNorm2d, _GroupedNorm, build_norm)
 
@@ -143,8 +144,19 @@ def _drop_and_act(layer: nn.Module, args: Any, y: Tensor) -> Tensor:
 
 def _our_layer(source: nn.Module, options: dict[str, Any], in_features: int | None, path: str) -> nn.Module:
     """``build_norm(**options)`` in place of ``source``: its eps and momentum (unless ``options`` set
-    them), affine parameters, running statistics, device, dtype, mode and timm's dropout and activation."""
-    layer = build_norm(num_features=source.num_features, in_features=in_features, **options)
+    them), affine parameters, running statistics, device, dtype, mode and timm's dropout and activation.
+
+    A layer that includes its activation (FRN, EvoNorm-S0) takes the place of timm's activation (the
+    pair becomes one layer, as in timm's own FRN / EvoNorm networks) and is built without one where
+    timm's is ``nn.Identity``; in place of a batch norm without an activation of its own (torch's,
+    torchvision's) it keeps its activation, and the model's own ReLUs still follow it wherever the
+    model applies them (torchvision calls one ReLU module at several places). Its eps is its own:
+    it normalizes by another statistic."""
+    own_act = getattr(source, "act", None) if isinstance(getattr(source, "drop", None), nn.Module) else None
+    relu_follows = not isinstance(own_act, nn.Identity)
+    layer = build_norm(num_features=source.num_features, in_features=in_features, relu_follows=relu_follows,
+                       **options)
+    fused = getattr(layer, "fuses_activation", False)
     dims = _spatial_dims(source)
     if dims != (2,):
         if type(layer) not in VARIANTS:
@@ -152,13 +164,13 @@ def _our_layer(source: nn.Module, options: dict[str, Any], in_features: int | No
                              f"{options['name']} exists for 4-D input only; choose bn or brn for this model")
         layer = VARIANTS[type(layer)][dims](source.num_features, **{k: v for k, v in options.items() if k != "name"})
     for setting in ("eps", "momentum"):  # the architecture's own (timm's EfficientNets use eps 1e-3)
-        if setting not in options and hasattr(layer, setting) and getattr(source, setting, None) is not None:
+        if setting not in options and not fused and hasattr(layer, setting) and getattr(source, setting, None) is not None:
             setattr(layer, setting, getattr(source, setting))
     reference = source.weight if source.weight is not None else source.running_mean
     if reference is not None:
         layer.to(device=reference.device, dtype=reference.dtype)
     with torch.no_grad():
-        if source.affine and layer.affine:
+        if source.affine and getattr(layer, "affine", True):
             layer.weight.copy_(source.weight)
             layer.bias.copy_(source.bias)
         if source.running_mean is not None and getattr(layer, "track_running_stats", False):
@@ -168,8 +180,9 @@ def _our_layer(source: nn.Module, options: dict[str, Any], in_features: int | No
             # when the network is trained.
             if source.num_batches_tracked is not None and not isinstance(layer, KalmanNorm2d):
                 layer.num_batches_tracked.copy_(source.num_batches_tracked)
-    if isinstance(getattr(source, "act", None), nn.Module) and isinstance(getattr(source, "drop", None), nn.Module):
-        layer.drop, layer.act = source.drop, source.act  # same names: the same state_dict keys
+    if isinstance(own_act, nn.Module):
+        # Same names: the same state_dict keys. A layer with its own activation replaces timm's.
+        layer.drop, layer.act = source.drop, nn.Identity() if fused else own_act
         layer.register_forward_hook(_drop_and_act)
     return layer.train(source.training)
 
@@ -223,6 +236,9 @@ def convert_batchnorm(model: nn.Module, norm: NormSpec, example_input: Tensor | 
                 feeding = _feeding_conv(conv, layer, previous_channels, paths[module])
             layer.context_link = ContextLink(context, feeding)
             layer.carries_state = False  # called with a tensor alone, it returns one: the context carries the state
+        elif isinstance(layer, CrossIterationNorm2d):  # the conv that feeds it, if it does (else it is BN)
+            layer.feeding_conv = FeedingConv(conv if conv is not None and conv.out_channels == layer.num_features
+                                             else None)
         replacements[module] = layer
         previous, conv = module, None
     for parent in list(model.modules()):

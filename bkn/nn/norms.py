@@ -10,6 +10,7 @@ statistics — option A.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from typing import Any, Literal
@@ -514,18 +515,30 @@ def default_gain(statistics_batch_size: int | None) -> float:
     return 0.95
 
 
+# CBN (bkn.nn.cross_iteration) adds itself when bkn.nn is imported, FRN and EvoNorm-S0 (timm's
+# layers, bkn.nn.norm_act) when one is first built: their modules build on this one, and importing
+# timm takes seconds that only the runs which use it should pay.
 NORMALIZERS: dict[str, type[nn.Module]] = {"bn": BatchNorm2d, "brn": BatchRenorm2d, "bkn": KalmanNorm2d,
                                            "gn": GroupNorm2d}
+TIMM_NORMALIZERS = ("frn", "evonorm_s0")
 
 
-def build_norm(name: str, num_features: int, in_features: int | None = None, **options: Any) -> nn.Module:
-    """Build a 2-D normalizer by name (``bn``, ``brn``, ``bkn``, ``gn``); unknown names or options raise.
+def build_norm(name: str, num_features: int, in_features: int | None = None, relu_follows: bool = True,
+               **options: Any) -> nn.Module:
+    """Build a 2-D normalizer by name (``bn``, ``brn``, ``bkn``, ``gn``, ``frn``, ``evonorm_s0``,
+    ``cbn``); unknown names or options raise.
 
     ``in_features`` (the channels entering the conv before this layer) is used by BKN's linear
-    transition and ignored by the others, so models can pass it unconditionally.
+    transition and ignored by the others, so models can pass it unconditionally. ``relu_follows``
+    says whether the network applies a ReLU to this layer's output: a layer that includes its own
+    activation (FRN + TLU, EvoNorm-S0) is then built with it, in the ReLU's place
+    (:func:`bkn.nn.activation_after`), and otherwise without; the other layers ignore it.
     """
+    if name in TIMM_NORMALIZERS and name not in NORMALIZERS:
+        importlib.import_module("bkn.nn.norm_act")  # registers them
     if name not in NORMALIZERS:
-        raise ValueError(f"unknown normalizer {name!r}; choose one of {sorted(NORMALIZERS)} (normalizer=...)")
+        raise ValueError(f"unknown normalizer {name!r}; choose one of {sorted({*NORMALIZERS, *TIMM_NORMALIZERS})} "
+                         f"(normalizer=...)")
     cls = NORMALIZERS[name]
     own_classes = cls.__mro__[:cls.__mro__.index(nn.Module)]  # not nn.Module's or object's (*args, **kwargs)
     accepted = {option for c in own_classes if "__init__" in vars(c)
@@ -536,6 +549,8 @@ def build_norm(name: str, num_features: int, in_features: int | None = None, **o
         raise ValueError(f"normalizer {name!r} has no option {unknown[0]!r}; its options are {sorted(accepted)}")
     if cls.carries_state:
         options["in_features"] = in_features
+    if getattr(cls, "fuses_activation", False):
+        options.setdefault("apply_act", relu_follows)
     return cls(num_features, **options)
 
 
