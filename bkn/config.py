@@ -543,6 +543,9 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     _evaluation_and_checkpoints(cfg)
     _optimizer(cfg)
     norm = _normalizer(cfg, statistics)
+    if statistics > per_device and norm["name"] == "cbn":
+        raise ConfigError(f"normalizer=cbn cannot pool batch.statistics={statistics} over devices (its window of past "
+                          f"statistics is per device); choose a batch.statistics that divides batch.per_device={per_device}")
     _data(cfg)
     image_size = _model(cfg, norm)
     device = _device(cfg, world)

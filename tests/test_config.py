@@ -153,6 +153,8 @@ def test_a_statistics_group_of_whole_devices_is_pooled_over_them() -> None:
     assert "groups of 16 examples, each pooled over 2 devices" in plan.describe()
     with pytest.raises(ConfigError, match=r"choose one of \[1, 2, 4, 8\], or a group pooled over whole devices: one of \[16, 32\]$"):
         validate(compose_config(["batch.gradient=32", "batch.statistics=24"]), environ=four_processes)
+    with pytest.raises(ConfigError, match="normalizer=cbn cannot pool batch.statistics=16 over devices"):
+        validate(compose_config(["batch.gradient=32", "batch.statistics=16", "normalizer=cbn"]), environ=four_processes)
 
 
 BAD_SETTINGS = [

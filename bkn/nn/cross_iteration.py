@@ -50,6 +50,8 @@ class CrossIterationNorm2d(_GroupedNorm):
     are the layer's extra state in ``state_dict``, so a resumed run continues exactly.
     """
 
+    pools_across_devices = False  # its window of past statistics is per device
+
     uses_conv = True
 
     def __init__(self, num_features: int, statistics_batch_size: int | None = None, *, window: int = 8,
@@ -117,7 +119,7 @@ class CrossIterationNorm2d(_GroupedNorm):
             window_mean = entries[:, 0].mean(0)
             window_second = torch.maximum(entries[:, 1], entries[:, 0] * entries[:, 0]).mean(0)
             window_var = (window_second - window_mean * window_mean).clamp_min(0)
-        self._update_running_stats(mean, var, x)
+        self._update_running_stats(mean.detach(), var.detach(), x)
         self._store(current.detach(), gradients, conv.weight.detach(), stored)
         return BF.normalize(x, window_mean, window_var, self.weight, self.bias, self.eps)
 

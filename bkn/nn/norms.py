@@ -39,6 +39,7 @@ class _GroupedNorm(nn.Module):
     # process group. Plain attributes, not state: a checkpoint does not depend on the launch.
     statistics_devices: int = 1
     statistics_process_group: Any = None
+    pools_across_devices = True  # False for a layer whose statistics cannot be pooled (CBN's window)
 
     def __init__(self, num_features: int, statistics_batch_size: int | None = None, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, track_running_stats: bool = True,
@@ -579,9 +580,13 @@ def pool_statistics(model: nn.Module, devices: int) -> None:
         group = dist.new_group(ranks)  # every rank takes part in creating every group
         if rank in ranks:
             own_group = group
-    for module in model.modules():
-        if isinstance(module, _GroupedNorm):
-            module.statistics_devices, module.statistics_process_group = devices, own_group
+    layers = [module for module in model.modules() if isinstance(module, _GroupedNorm)]
+    for layer in layers:
+        if not layer.pools_across_devices:
+            raise ValueError(f"{type(layer).__name__} cannot pool its statistics over devices; choose a "
+                             f"statistics_batch_size that divides the device batch")
+    for layer in layers:
+        layer.statistics_devices, layer.statistics_process_group = devices, own_group
 
 
 def set_inference(model: nn.Module, inference: Inference) -> None:
