@@ -128,6 +128,7 @@ def test_torchrun_says_a_bad_setting_once(tmp_path: Path) -> None:
     assert not _run_dirs(tmp_path)
 
 
+@pytest.mark.slow  # ~15 s: two sweeps; the out_dir test covers compare_runs in the default suite
 def test_compare_runs_takes_experiment_folders_and_shows_what_differs(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     register_tiny_net(monkeypatch)

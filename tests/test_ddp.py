@@ -51,6 +51,7 @@ def test_two_processes_train_like_one_process_with_accumulation(tmp_path: Path,
     assert not torch.allclose(initial["block1.conv.weight"], reference["block1.conv.weight"], atol=1e-4)
 
 
+@pytest.mark.slow  # ~20 s; tests/test_pooled_statistics.py is its cheap sibling in the default suite
 def test_a_statistics_group_pooled_over_two_processes_trains_like_one_process_holding_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # batch.statistics=8 over 2 processes x 4 examples: each layer all-reduces the group's statistics,

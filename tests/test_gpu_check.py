@@ -33,6 +33,7 @@ def test_without_cuda_one_line_and_exit_0(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # ~15 s of training on the CPU
 def test_a_train_run_check_reads_the_run_record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(gpu_check, "TRAIN", CPU_TRAIN)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -52,6 +53,7 @@ def test_every_train_run_of_the_check_is_a_valid_config_on_one_gpu(name: str, mo
     assert plan.device == "cuda"
 
 
+@pytest.mark.slow  # ~10 s: a 2-process run
 def test_the_process_group_check_trains_bkn_under_ddp() -> None:
     # On a GPU: NCCL and 32x32 images; bf16 on a CPU is slow, so 4x4 here.
     check = gpu_check.check_process_group(gpu_check.torch.device("cpu"), backend="gloo", image_size=4)
